@@ -1,0 +1,7 @@
+"""fae-pipe: Feature Auto-Encoder image generation with cached encoder features.
+
+The library lives here (installed as ``fae_pipe``); stage entry points live in
+``fae_pipe.stages``; the command line is ``fae_pipe.cli``.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The zarr cache: schema (the contract), sharded writing, inspection."""

@@ -1,0 +1,1 @@
+"""Data sources, the dataset index and deterministic preprocessing."""

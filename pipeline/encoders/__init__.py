@@ -1,0 +1,1 @@
+"""Frozen image encoders (DINOv2 through timm)."""

@@ -1,0 +1,1 @@
+"""Metrics: Frechet distances, precision/recall, image metrics, linear probes."""

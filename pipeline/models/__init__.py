@@ -1,0 +1,1 @@
+"""Models, one per file, and a registry of named configs."""

@@ -1,0 +1,1 @@
+"""Training utilities shared by every loop: Accelerate, checkpoints, EMA, logs."""

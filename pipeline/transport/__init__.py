@@ -1,0 +1,1 @@
+"""Transport: the linear interpolant, training loss, timestep shift and samplers."""
