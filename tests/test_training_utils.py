@@ -85,3 +85,10 @@ def test_nan_guard_names_step_and_checkpoint(tmp_path):
     save_checkpoint(tmp_path, 2, {"model": {}}, keep_last=1)
     with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 3.*step-000000002.pt"):
         check_finite(torch.tensor(math.nan), 3, "train-x", tmp_path)
+
+
+def test_resume_auto_only_with_matching_settings(tmp_path):
+    assert resolve_resume(tmp_path, "auto", "sit", {"lr": 1.0}) is None
+    save_checkpoint(tmp_path, 5, {"model": {}, "config": {"sit": {"lr": 1.0, "steps": 10}}}, keep_last=1)
+    assert resolve_resume(tmp_path, "auto", "sit", {"lr": 1.0, "steps": 20}).name == "step-000000005.pt"
+    assert resolve_resume(tmp_path, "auto", "sit", {"lr": 2.0, "steps": 10}) is None

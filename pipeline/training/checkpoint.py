@@ -10,6 +10,7 @@ so a run killed while saving still resumes from the previous complete one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -58,9 +59,12 @@ def save_checkpoint(run_dir: str | Path, step: int, payload: dict, keep_last: in
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    if "config" in payload:
+        _atomic_write_text(path.with_suffix(".json"), json.dumps({"step": step, "config": payload["config"]}))
     _atomic_write_text(ckdir / "latest", path.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
     return path
 
 
@@ -82,10 +86,31 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
-    """``None`` -> fresh run; ``"latest"`` -> newest checkpoint of ``run_dir``; else a path."""
+# Keys that may change between a run and its resumption without making it a different run.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "eval_every", "eval_images"}
+
+
+def resolve_resume(run_dir: str | Path, resume: str | None, section: str | None = None,
+                   current: dict | None = None) -> Path | None:
+    """``None`` -> fresh run; ``"latest"`` -> newest checkpoint of ``run_dir``; else a path.
+
+    ``"auto"`` (what ``dvc repro`` uses) resumes from the newest checkpoint only when
+    it was made with the same ``section`` settings as ``current`` (up to
+    ``RESUMABLE_CHANGES``); otherwise the run starts fresh and says why.
+    """
     if resume is None:
         return None
+    if resume == "auto":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            return None
+        sidecar = found.with_suffix(".json")
+        saved = json.loads(sidecar.read_text()).get("config", {}).get(section) if sidecar.is_file() else None
+        strip = lambda d: {k: v for k, v in (d or {}).items() if k not in RESUMABLE_CHANGES}  # noqa: E731
+        if section is not None and strip(saved) != strip(current):
+            print(f"resume auto: {found} was made with other '{section}' settings; starting a fresh run")
+            return None
+        return found
     if resume == "latest":
         found = latest_checkpoint(run_dir)
         if found is None:
