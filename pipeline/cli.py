@@ -21,7 +21,8 @@ from fae_pipe.errors import UserError
 
 # command -> (stage module, sections it reads (own first), one-line help, extra click params)
 RESUME = click.Option(["--resume"], is_flag=False, flag_value="latest", default=None,
-                      help="continue from the latest checkpoint of the run directory, or from the given checkpoint path")
+                      help="continue from the latest checkpoint of the run directory (--resume), a checkpoint file (--resume PATH), "
+                           "or the latest one only if made with the same settings (--resume auto, used by dvc.yaml)")
 OVERWRITE = click.Option(["--overwrite"], is_flag=True, default=False,
                          help="replace a store made with a different config instead of refusing")
 COMMANDS: dict[str, tuple[str, list[str], str, list[click.Parameter]]] = {
