@@ -1,0 +1,132 @@
+"""Named model configs, timm style: ``create_model("sit_xl", in_channels=32)``.
+
+Configs name a builder and its keyword arguments; stages and configs refer to
+models by name and override single arguments, so the paper's shapes are written
+down exactly once, here.
+
+Naming scheme: an FAE is three separately trained modules, registered as
+``<family>.encoder``, ``<family>.feature_decoder`` and ``<family>.pixel_decoder``
+(families: fae_dinov2_g (paper), fae_dinov2_b, fae_dinov2_s, fae_tiny (CPU
+demo)); ``fae_parts(family)`` gives the three names. Generators are ``sit_*``,
+discriminators ``patchgan*``. Each entry also has a ``kind`` for
+``list_models(kind)``: fae_encoder, feature_decoder, pixel_decoder, sit,
+discriminator.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, NamedTuple
+
+from torch import nn
+
+from fae_pipe.errors import UserError
+from fae_pipe.models.discriminator import PatchDiscriminator
+from fae_pipe.models.fae_encoder import FAEEncoder
+from fae_pipe.models.feature_decoder import FeatureDecoder
+from fae_pipe.models.pixel_decoder import PixelDecoder
+from fae_pipe.models.sit import SiT
+
+
+class ModelSpec(NamedTuple):
+    """A registered config: the class or function to call, its kwargs, and its kind."""
+
+    builder: Callable[..., nn.Module]
+    kwargs: dict
+    kind: str
+
+
+KINDS = ("fae_encoder", "feature_decoder", "pixel_decoder", "sit", "discriminator")
+FAE_PARTS = ("encoder", "feature_decoder", "pixel_decoder")
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, builder: Callable[..., nn.Module], kind: str, **kwargs) -> None:
+    """Add a named config; names are unique and kinds must be one of KINDS."""
+    if name in REGISTRY:
+        raise ValueError(f"model '{name}' is registered twice")
+    if kind not in KINDS:
+        raise ValueError(f"model '{name}': kind '{kind}' is not one of {KINDS}")
+    REGISTRY[name] = ModelSpec(builder, kwargs, kind)
+
+
+def _register_fae(family: str, in_dim: int, latent: int, enc_heads: int, enc_head_dim: int,
+                  fd: dict, pd: dict) -> None:
+    """Register the three parts of one FAE family with consistent in_dim / latent widths."""
+    register(f"{family}.encoder", FAEEncoder, "fae_encoder",
+             in_dim=in_dim, latent_channels=latent, heads=enc_heads, head_dim=enc_head_dim)
+    register(f"{family}.feature_decoder", FeatureDecoder, "feature_decoder",
+             latent_channels=latent, out_dim=in_dim, **fd)
+    register(f"{family}.pixel_decoder", PixelDecoder, "pixel_decoder", in_dim=in_dim, **pd)
+
+
+# Paper pixel decoder (ViT-L-like): 16x16 tokens -> 256 px.
+_VIT_L_PIXEL = dict(grid_size=16, patch_size=16, width=1024, depth=24, heads=16, mlp_ratio=4.0)
+
+# Paper (App. D), DINOv2-g/14 at 224 px: 16x16x1536 tokens -> 16x16x32 latent.
+_register_fae("fae_dinov2_g", 1536, 32, 24, 256,
+              fd=dict(width=1536, depth=6, heads=24, mlp_ratio=4.0, learned_pos_grid=16), pd=_VIT_L_PIXEL)
+# Same recipe for smaller DINOv2s: attention 4x the token width, decoder width = token width.
+_register_fae("fae_dinov2_b", 768, 32, 12, 256,
+              fd=dict(width=768, depth=6, heads=12, mlp_ratio=4.0, learned_pos_grid=16), pd=_VIT_L_PIXEL)
+_register_fae("fae_dinov2_s", 384, 32, 6, 256,
+              fd=dict(width=384, depth=6, heads=6, mlp_ratio=4.0, learned_pos_grid=16), pd=_VIT_L_PIXEL)
+# CPU demo: DINOv2-S at 112 px -> 8x8x384 tokens -> 8x8x8 latent -> 64 px images.
+_register_fae("fae_tiny", 384, 8, 4, 32,
+              fd=dict(width=128, depth=2, heads=4, mlp_ratio=4.0),
+              pd=dict(grid_size=8, patch_size=8, width=128, depth=2, heads=4, mlp_ratio=4.0))
+
+# SiT sizes (DiT table); defaults are FAE-32 latents at 256 px, patch 1, ImageNet classes.
+_SIT_DATA = dict(input_size=16, patch_size=1, in_channels=32, num_classes=1000, mlp_ratio=4.0)
+register("sit_s", SiT, "sit", width=384, depth=12, heads=6, **_SIT_DATA)
+register("sit_b", SiT, "sit", width=768, depth=12, heads=12, **_SIT_DATA)
+register("sit_l", SiT, "sit", width=1024, depth=24, heads=16, **_SIT_DATA)
+register("sit_xl", SiT, "sit", width=1152, depth=28, heads=16, **_SIT_DATA)
+register("sit_tiny", SiT, "sit", width=128, depth=4, heads=4, mlp_ratio=4.0,
+         input_size=8, patch_size=1, in_channels=8, num_classes=10)
+
+register("patchgan", PatchDiscriminator, "discriminator", base_channels=64, n_layers=3)
+register("patchgan_tiny", PatchDiscriminator, "discriminator", base_channels=16, n_layers=2)
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    """Sorted registered names, optionally only those of one kind (see KINDS)."""
+    if kind is not None and kind not in KINDS:
+        raise UserError(f"model kind: '{kind}' is not valid; valid: {', '.join(KINDS)}")
+    return sorted(n for n, spec in REGISTRY.items() if kind is None or spec.kind == kind)
+
+
+def fae_parts(family: str) -> dict[str, str]:
+    """Registered names of an FAE family's parts: {"encoder": ..., "feature_decoder": ..., "pixel_decoder": ...}."""
+    names = {part: f"{family}.{part}" for part in FAE_PARTS}
+    if not all(n in REGISTRY for n in names.values()):
+        families = sorted({n.split(".")[0] for n in REGISTRY if "." in n})
+        raise UserError(f"fae family: '{family}' is not registered; valid: {', '.join(families)}")
+    return names
+
+
+def model_kwargs(name: str, **overrides) -> dict:
+    """The full kwargs ``create_model(name, **overrides)`` would pass, after validation."""
+    if name not in REGISTRY:
+        raise UserError(f"model: '{name}' is not a registered model; valid: {', '.join(list_models())}")
+    spec = REGISTRY[name]
+    accepted = [p for p in inspect.signature(spec.builder).parameters if p != "self"]
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise UserError(f"model '{name}': unknown option(s) {', '.join(unknown)}; valid: {', '.join(accepted)}")
+    return {**spec.kwargs, **overrides}
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build the named model, with keyword overrides of its registered config.
+
+    Build on the meta device (``with torch.device("meta"):``) to inspect shapes or
+    count parameters without allocating memory.
+    """
+    kwargs = model_kwargs(name, **overrides)
+    return REGISTRY[name].builder(**kwargs)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (buffers such as fixed sin-cos tables are not counted)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
