@@ -170,6 +170,7 @@ class Rope2D(nn.Module):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + Dh/2) of x (..., N, Dh) by the angles behind cos/sin."""
     a, b = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # stay in x's precision under autocast
     return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
 
