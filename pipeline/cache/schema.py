@@ -1,0 +1,213 @@
+"""The layout of the zarr caches: the one place that names arrays, dimensions and attrs.
+
+Both stores (``features.zarr`` written by ``extract``, ``latents.zarr`` written by
+``encode``) are plain zarr v3 groups that anyone can open with ``zarr`` or
+``dask.array.from_zarr``; this module is the contract the writers and the training
+readers share. Every per-sample array is split along ``sample`` into storage shards
+of ``shard_samples`` rows (each written whole by one writer) holding inner chunks of
+``chunk_samples`` rows (the read granularity). Readers should read whole shards
+(``read_shard``): single-sample reads cost a chunk decode each.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from fae_pipe.errors import UserError
+
+SCHEMA_VERSION = 1
+
+KIND_FEATURES = "features"
+KIND_LATENTS = "latents"
+KINDS = (KIND_FEATURES, KIND_LATENTS)
+
+# array names
+FEATURES = "features"
+CLS = "cls"
+LATENTS = "latents"
+STD = "std"
+LABELS = "labels"
+SAMPLE_IDS = "sample_ids"
+VALID = "valid"
+
+# dimension names, per array
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    FEATURES: ("sample", "view", "token", "channel"),
+    CLS: ("sample", "view", "channel"),
+    LATENTS: ("sample", "view", "channel", "height", "width"),
+    STD: ("sample", "view", "channel", "height", "width"),
+    LABELS: ("sample",),
+    SAMPLE_IDS: ("sample",),
+    VALID: ("sample",),
+}
+DTYPES: dict[str, str] = {
+    FEATURES: "float16", CLS: "float16", LATENTS: "float16", STD: "float16",
+    LABELS: "int64", SAMPLE_IDS: "int64", VALID: "bool",
+}
+FLOAT_ARRAYS = (FEATURES, CLS, LATENTS, STD)
+BOOKKEEPING_ARRAYS = (LABELS, SAMPLE_IDS, VALID)
+
+# group attrs keys (written only by the coordinating process)
+A_SCHEMA_VERSION = "schema_version"
+A_KIND = "kind"
+A_ENCODER = "encoder"
+A_IMAGE_SIZE = "image_size"
+A_CROP = "crop"
+A_RESIZE = "resize"
+A_NORMALIZATION = "normalization"
+A_VIEWS = "views"
+A_GRID = "grid"
+A_NUM_SAMPLES = "num_samples"
+A_NUM_CLASSES = "num_classes"
+A_CLASSES = "classes"
+A_SHARD_SAMPLES = "shard_samples"
+A_CHUNK_SAMPLES = "chunk_samples"
+A_DATASET_FINGERPRINT = "dataset_fingerprint"
+A_INDEX_PATH = "index_path"
+A_CONFIG_HASH = "config_hash"
+A_CREATED_WITH = "created_with"
+A_COMPLETE = "complete"
+A_FAILURES = "failures"
+A_CHANNEL_MEAN = "channel_mean"
+A_CHANNEL_STD = "channel_std"
+
+CROP_POLICY = "adm_center_crop"
+RESIZE_POLICY = "bicubic"
+
+# Zstd level 1 on the float arrays: measured on the demo store it saves ~9% of bytes at
+# a write cost within noise (docs/cache.md); higher levels gain nothing measurable.
+FLOAT_COMPRESSORS = (ZstdCodec(level=1),)
+
+BOOKKEEPING_DIR = ".fae"  # lock + completion records; not part of the zarr hierarchy
+
+
+def num_shards(num_samples: int, shard_samples: int) -> int:
+    """Number of storage shards along ``sample`` (the last one may be short)."""
+    return max(1, math.ceil(num_samples / shard_samples))
+
+
+def shard_bounds(num_samples: int, shard_samples: int, shard_index: int) -> tuple[int, int]:
+    """Sample range ``[start, stop)`` held by storage shard ``shard_index``."""
+    start = shard_index * shard_samples
+    return start, min(num_samples, start + shard_samples)
+
+
+def effective_chunk_samples(chunk_samples: int, shard_samples: int) -> int:
+    """Inner chunk rows: ``chunk_samples`` clipped to the shard; it must divide the shard."""
+    chunk = min(chunk_samples, shard_samples)
+    if shard_samples % chunk:
+        raise UserError(f"extract.chunk_samples = {chunk_samples} is invalid: it must divide "
+                        f"extract.shard_samples = {shard_samples}")
+    return chunk
+
+
+def _clear_except_bookkeeping(path: Path) -> None:
+    """Remove a store's zarr content but keep ``.fae`` (it holds the writer's lock)."""
+    if not path.exists():
+        return
+    for child in path.iterdir():
+        if child.name == BOOKKEEPING_DIR:
+            done = child / "done"
+            if done.exists():
+                shutil.rmtree(done)
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _create_store(path, kind: str, sample_shapes: dict[str, tuple[int, ...]], n: int,
+                  shard_samples: int, chunk_samples: int, attrs: dict) -> zarr.Group:
+    path = Path(path)
+    if n < 1:
+        raise UserError(f"cannot create store {path}: the dataset has no samples")
+    chunk = effective_chunk_samples(chunk_samples, shard_samples)
+    _clear_except_bookkeeping(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = dict(attrs)
+    meta.update({A_SCHEMA_VERSION: SCHEMA_VERSION, A_KIND: kind, A_NUM_SAMPLES: n,
+                 A_SHARD_SAMPLES: shard_samples, A_CHUNK_SAMPLES: chunk, A_COMPLETE: False})
+    group = zarr.create_group(str(path), attributes=meta)
+    for name, rest in sample_shapes.items():
+        group.create_array(
+            name, shape=(n, *rest), dtype=DTYPES[name],
+            chunks=(chunk, *rest), shards=(shard_samples, *rest),
+            compressors=FLOAT_COMPRESSORS if name in FLOAT_ARRAYS else None,
+            dimension_names=DIMENSIONS[name], fill_value=0,
+            # every shard gets a file, even an all-zero one, so a missing file is a defect
+            config={"write_empty_chunks": True},
+        )
+    return group
+
+
+def create_feature_store(path, n: int, views: int, tokens: int, dim: int, grid, shard_samples: int,
+                         chunk_samples: int, attrs: dict) -> zarr.Group:
+    """Create an empty ``features.zarr``: patch tokens, cls tokens, labels, ids, validity."""
+    meta = dict(attrs, **{A_GRID: [int(grid[0]), int(grid[1])]})
+    shapes = {FEATURES: (views, tokens, dim), CLS: (views, dim), LABELS: (), SAMPLE_IDS: (), VALID: ()}
+    return _create_store(path, KIND_FEATURES, shapes, n, shard_samples, chunk_samples, meta)
+
+
+def create_latent_store(path, n: int, views: int, channels: int, grid, shard_samples: int,
+                        chunk_samples: int, attrs: dict, store_std: bool = False) -> zarr.Group:
+    """Create an empty ``latents.zarr``: posterior means (and optionally stds) per view."""
+    h, w = int(grid[0]), int(grid[1])
+    meta = dict(attrs, **{A_GRID: [h, w]})
+    shapes = {LATENTS: (views, channels, h, w)}
+    if store_std:
+        shapes[STD] = (views, channels, h, w)
+    shapes.update({LABELS: (), SAMPLE_IDS: (), VALID: ()})
+    return _create_store(path, KIND_LATENTS, shapes, n, shard_samples, chunk_samples, meta)
+
+
+def open_store(path, mode: str = "r") -> tuple[zarr.Group, str]:
+    """Open a cache store and return ``(group, kind)``; a wrong path is a one-line UserError."""
+    p = Path(path)
+    if not (p / "zarr.json").is_file():
+        raise UserError(f"{p} is not a fae-pipe zarr store (no zarr.json); run `fae-pipe extract` or `encode` first")
+    try:
+        group = zarr.open_group(str(p), mode=mode)
+    except Exception as e:  # zarr raises several types for a malformed hierarchy
+        raise UserError(f"{p} could not be opened as a zarr group: {type(e).__name__}: {e}") from None
+    kind = group.attrs.get(A_KIND)
+    if kind not in KINDS:
+        raise UserError(f"{p} is not a fae-pipe store: attrs 'kind' is {kind!r}, expected one of {', '.join(KINDS)}")
+    version = group.attrs.get(A_SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise UserError(f"{p} has schema_version {version!r}; this fae-pipe reads version {SCHEMA_VERSION}: "
+                        "re-create it with --overwrite")
+    return group, kind
+
+
+def sample_array_names(group: zarr.Group) -> list[str]:
+    """The per-sample arrays present in a store, in schema order."""
+    present = set(group.array_keys())
+    return [name for name in DIMENSIONS if name in present]
+
+
+def store_num_shards(group: zarr.Group) -> int:
+    return num_shards(int(group.attrs[A_NUM_SAMPLES]), int(group.attrs[A_SHARD_SAMPLES]))
+
+
+def read_shard(group: zarr.Group, array_name: str, shard_index: int) -> np.ndarray:
+    """Read one whole storage shard of ``array_name`` (the fast way to read the cache)."""
+    n, size = int(group.attrs[A_NUM_SAMPLES]), int(group.attrs[A_SHARD_SAMPLES])
+    if not 0 <= shard_index < num_shards(n, size):
+        raise IndexError(f"shard {shard_index} out of range: the store has {num_shards(n, size)} shards")
+    start, stop = shard_bounds(n, size, shard_index)
+    return group[array_name][start:stop]
+
+
+def shard_file(store_path, group: zarr.Group, array_name: str, shard_index: int) -> Path:
+    """The file holding storage shard ``shard_index`` of an array (local stores)."""
+    arr = group[array_name]
+    coords = (shard_index,) + (0,) * (arr.ndim - 1)
+    key = arr.metadata.chunk_key_encoding.encode_chunk_key(coords)
+    return Path(store_path) / array_name / key

@@ -1,0 +1,244 @@
+"""Generic sharded writing: plan storage shards, group them into work units, run a task.
+
+One machinery for every store (``extract`` writes features with it, ``encode`` latents):
+a *task* turns a storage shard's sample range into whole-shard arrays; the runner
+writes each shard in one write per array (one writer per shard: zarr shards are
+read-modify-write, so two writers of one shard lose data), then its completion record.
+Work units (``--shards N``) are contiguous runs of whole storage shards; each unit is
+one dask task, so the same code runs in-process, on a LocalCluster (``workers``) or on
+any dask cluster (``scheduler``). A worker holds at most one storage shard in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import zarr
+from tqdm import tqdm
+
+from fae_pipe.cache import schema
+from fae_pipe.cache.bookkeeping import read_record, write_record
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Storage shards: contiguous sample ranges of ``shard_samples`` (the last may be short)."""
+
+    num_samples: int
+    shard_samples: int
+
+    @property
+    def num_shards(self) -> int:
+        return schema.num_shards(self.num_samples, self.shard_samples)
+
+    def bounds(self, shard_index: int) -> tuple[int, int]:
+        return schema.shard_bounds(self.num_samples, self.shard_samples, shard_index)
+
+    def units(self, requested: int) -> tuple[list[list[int]], str | None]:
+        """Split the shards into ``requested`` contiguous units (clamped to the shard count)."""
+        count = max(1, min(requested, self.num_shards))
+        note = None
+        if requested > self.num_shards:
+            note = (f"note: {requested} work units requested but the store has {self.num_shards} storage "
+                    f"shards; using {count} units (one per shard)")
+        parts = np.array_split(np.arange(self.num_shards), count)
+        return [[int(i) for i in part] for part in parts if len(part)], note
+
+
+class ShardTask(Protocol):
+    """What a stage supplies: picklable, cheap until ``setup`` builds the model.
+
+    ``cache_key`` names the state ``setup`` builds (e.g. model + weights) so each worker
+    process builds it once. ``compute`` returns the arrays of one storage shard (every
+    per-sample array of the store, ``stop - start`` rows) and a dict of extras stored in
+    the completion record; extras["failures"] (list of dicts) is kept as the record's
+    failure list. ``progress(n)`` may be called as samples finish (None on dask).
+    """
+
+    cache_key: str
+
+    def setup(self) -> None: ...
+
+    def compute(self, shard_index: int, start: int, stop: int,
+                progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], dict]: ...
+
+
+_PREPARED: dict[str, ShardTask] = {}  # per process: the task whose setup() already ran
+
+
+def set_torch_threads(threads: int, workers: int) -> int:
+    """Set torch's intra-op threads explicitly (dask's nanny forces OMP threads to 1)."""
+    import torch
+
+    n = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    torch.set_num_threads(n)
+    return n
+
+
+def prepared_task(task: ShardTask, threads: int, workers: int) -> ShardTask:
+    """The task with ``setup`` done, built once per process and reused for later units."""
+    ready = _PREPARED.get(task.cache_key)
+    if ready is None:
+        set_torch_threads(threads, workers)
+        task.setup()
+        _PREPARED.clear()  # one model per process: drop a previous stage's
+        _PREPARED[task.cache_key] = ready = task
+    return ready
+
+
+def record_matches(record: dict | None, config_hash: str, start: int, stop: int) -> bool:
+    return (record is not None and record.get("config_hash") == config_hash
+            and record.get("start") == start and record.get("stop") == stop)
+
+
+def write_shard(group: zarr.Group, store_path, shard_index: int, start: int, stop: int,
+                arrays: dict[str, np.ndarray], extras: dict, config_hash: str, seconds: float) -> dict:
+    """Write one storage shard whole (one write per array), then its completion record."""
+    expected = schema.sample_array_names(group)
+    if sorted(arrays) != sorted(expected):
+        raise RuntimeError(f"shard task returned arrays {sorted(arrays)}, the store holds {sorted(expected)}")
+    for name in expected:
+        arr = group[name]
+        want = (stop - start, *arr.shape[1:])
+        if tuple(arrays[name].shape) != want:
+            raise RuntimeError(f"shard task returned {name} of shape {arrays[name].shape}, expected {want}")
+        arr[start:stop] = np.asarray(arrays[name], dtype=arr.dtype)
+    extras = dict(extras)
+    failures = list(extras.pop("failures", []))
+    valid = arrays.get(schema.VALID)
+    record = {
+        "shard": shard_index, "start": start, "stop": stop, "config_hash": config_hash,
+        "samples": stop - start, "valid": int(np.count_nonzero(valid)) if valid is not None else stop - start,
+        "failures": failures, "extras": extras, "seconds": round(seconds, 3),
+    }
+    write_record(store_path, shard_index, record)
+    return record
+
+
+def run_unit(task: ShardTask, store_path: str, shard_ids: list[int], plan: ShardPlan, config_hash: str,
+             threads: int = 0, workers: int = 0, progress: Callable[[int], None] | None = None,
+             topic: str | None = None) -> list[dict]:
+    """Compute and write the storage shards of one work unit; returns their records."""
+    ready = prepared_task(task, threads, workers)
+    group = zarr.open_group(store_path, mode="r+")
+    records = []
+    for shard_index in shard_ids:
+        start, stop = plan.bounds(shard_index)
+        t0 = time.perf_counter()
+        arrays, extras = ready.compute(shard_index, start, stop, progress)
+        records.append(write_shard(group, store_path, shard_index, start, stop, arrays, extras,
+                                   config_hash, time.perf_counter() - t0))
+        if topic is not None:
+            from distributed import get_worker
+
+            get_worker().log_event(topic, {"samples": stop - start})
+    return records
+
+
+@dataclass
+class RunResult:
+    """What a sharded run did, for the stage's one-line summary and final attrs."""
+
+    path: str
+    num_samples: int
+    shards_total: int
+    shards_written: int
+    shards_skipped: int
+    samples_written: int
+    seconds: float
+    records: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.records) == self.shards_total
+
+    @property
+    def images_per_s(self) -> float:
+        return self.samples_written / self.seconds if self.seconds > 0 else 0.0
+
+    def failures(self) -> list[dict]:
+        return [f for i in sorted(self.records) for f in self.records[i]["failures"]]
+
+    def stored_bytes(self) -> int:
+        return sum(p.stat().st_size for p in Path(self.path).rglob("*") if p.is_file())
+
+    def summary(self, label: str) -> str:
+        return (f"{label}: {self.num_samples} samples, {self.shards_written} shards written, "
+                f"{self.shards_skipped} skipped (of {self.shards_total}), {self.images_per_s:.1f} images/s, "
+                f"{self.stored_bytes() / 2**20:.1f} MiB, {len(self.failures())} failed -> {self.path}")
+
+
+def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *, units: int = 1,
+               workers: int = 0, scheduler: str = "", threads: int = 0, desc: str = "shards") -> RunResult:
+    """Write every storage shard without a matching completion record; skip the rest."""
+    path = str(Path(store_path).resolve())
+    unit_list, note = plan.units(units)
+    if note:
+        print(note, file=sys.stderr)
+    todo = [[i for i in unit if not record_matches(read_record(path, i), config_hash, *plan.bounds(i))]
+            for unit in unit_list]
+    todo = [unit for unit in todo if unit]
+    pending = [i for unit in todo for i in unit]
+    total = sum(plan.bounds(i)[1] - plan.bounds(i)[0] for i in pending)
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, disable=total == 0)
+    if not pending:
+        seconds = 0.0
+    elif scheduler or workers:
+        seconds = _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, threads, bar)
+    else:
+        prepared_task(task, threads, 0)  # model build is not part of the throughput
+        t0 = time.perf_counter()
+        for unit in todo:
+            run_unit(task, path, unit, plan, config_hash, threads, 0, progress=bar.update)
+        seconds = time.perf_counter() - t0
+    bar.close()
+    records = {}
+    for i in range(plan.num_shards):
+        rec = read_record(path, i)
+        if record_matches(rec, config_hash, *plan.bounds(i)):
+            records[i] = rec
+    return RunResult(path, plan.num_samples, plan.num_shards, len(pending), plan.num_shards - len(pending),
+                     total, seconds, records)
+
+
+def _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, threads, bar) -> float:
+    """One dask task per work unit; progress arrives per written shard as worker events."""
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=40)
+        client = Client(cluster)
+        n_workers = workers
+    topic = f"fae-pipe-progress-{uuid.uuid4().hex}"
+    try:
+        client.subscribe_topic(topic, lambda event: bar.update(event[1]["samples"]))
+        t0 = time.perf_counter()
+        futures = [client.submit(run_unit, task, path, unit, plan, config_hash, threads, n_workers,
+                                 None, topic, pure=False, key=f"shard-unit-{unit[0]:05d}-{uuid.uuid4().hex[:8]}")
+                   for unit in todo]
+        try:
+            for fut in as_completed(futures):
+                fut.result()
+        except BaseException:
+            client.cancel(futures)
+            raise
+        seconds = time.perf_counter() - t0
+        bar.n = bar.total
+        bar.refresh()
+        return seconds
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
