@@ -1,0 +1,169 @@
+"""Scan an image folder (root/<class>/<image>) into a ``DatasetIndex``.
+
+Order and labels match torchvision's ``ImageFolder`` so ids and labels agree with
+the usual ImageNet tooling: classes are the sorted names of the directories in the
+root, and each class directory is walked recursively (symlinks followed) with
+directories and file names sorted. Extensions .jpg .jpeg .png .webp, any case.
+One deliberate difference: hidden directories (name starting with ".") are not
+classes, so editor folders and the demo writer's temporary directory never become one.
+
+Checking every image is the expensive part, so there are two levels:
+``check="header"`` (default) reads only enough to catch zero-byte files, non-images,
+PNG files with bad chunks (Pillow's verify reads them whole) and JPEGs without an
+end-of-image marker in their last 64 KiB (the usual truncated download). A truncated
+WebP or a subtly damaged JPEG body passes it and is reported later, when decoded.
+``check="full"`` decodes every image exactly as training will (``load_rgb``); use it
+for small sets, the demo set uses it.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fae_pipe.data.index import DatasetIndex, stratified_holdout
+from fae_pipe.data.transforms import ImageDecodeError, load_rgb
+from fae_pipe.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+CHECKS = ("header", "full")
+ON_ERROR = ("skip", "fail")
+_JPEG_TAIL = 64 * 1024
+_BLOCK = 2048
+
+
+def list_classes(root: Path) -> list[str]:
+    """Class names: the sorted, non-hidden directory names directly under ``root``."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def list_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
+    """(path relative to root in posix form, label) for every image, in ImageFolder order."""
+    items = []
+    for label, name in enumerate(classes):
+        class_dir = root / name
+        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+            rel_dir = Path(dirpath).relative_to(root).as_posix()
+            for fname in sorted(filenames):
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    items.append((f"{rel_dir}/{fname}", label))
+    return items
+
+
+def check_header(path: Path) -> str | None:
+    """Cheap check; returns a failure reason or None (see module docstring for its reach)."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if size == 0:
+        return "zero-byte file"
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+            img.verify()
+        if fmt == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(max(0, size - _JPEG_TAIL))
+                if b"\xff\xd9" not in f.read():
+                    return "truncated or corrupt image: JPEG end-of-image marker missing"
+    except UnidentifiedImageError:
+        return "not an image"
+    except Image.DecompressionBombError as e:
+        return f"image too large: {e}"
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return f"truncated or corrupt image: {e}"
+    return None
+
+
+def check_full(path: Path) -> str | None:
+    """Decode the whole image as training will; returns a failure reason or None."""
+    try:
+        load_rgb(path)
+    except ImageDecodeError as e:
+        return e.reason
+    return None
+
+
+def _checked(paths: list[Path], check: str, workers: int, progress: bool):
+    """Yield (reason or None, size) per path, in order; threads overlap I/O and decoding."""
+    from tqdm import tqdm
+
+    fn = check_full if check == "full" else check_header
+
+    def one(p: Path):
+        reason = fn(p)
+        return reason, (p.stat().st_size if reason is None else 0)
+
+    bar = tqdm(total=len(paths), desc=f"checking images ({check})", unit="img",
+               disable=None if progress else True, leave=False)
+    try:
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for start in range(0, len(paths), _BLOCK):  # bounded: no million pending futures
+                    for result in pool.map(one, paths[start:start + _BLOCK]):
+                        bar.update()
+                        yield result
+        else:
+            for p in paths:
+                bar.update()
+                yield one(p)
+    finally:
+        bar.close()
+
+
+def scan_folder(root, holdout_fraction: float, seed: int, on_error: str = "skip", check: str = "header",
+                workers: int = 0, progress: bool = False) -> DatasetIndex:
+    """Index the image folder ``root``; unreadable images are skipped (and listed) or fatal.
+
+    ``on_error="skip"`` leaves failed files out of the samples and records each in
+    ``failures`` as {"path", "reason"}; ``"fail"`` raises ``UserError`` at the first one.
+    """
+    if on_error not in ON_ERROR:
+        raise UserError(f"data.on_error = {on_error!r} is invalid: expected one of {', '.join(ON_ERROR)}")
+    if check not in CHECKS:
+        raise UserError(f"image check {check!r} is invalid: expected one of {', '.join(CHECKS)}")
+    root_str = str(root)
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"data.root '{root_str}' does not exist: point it at an image folder "
+                        f"root/<class>/<image> (or set data.demo=true for the offline demo set)")
+    if not root.is_dir():
+        raise UserError(f"data.root '{root_str}' is not a directory: expected root/<class>/<image>")
+    classes = list_classes(root)
+    if not classes:
+        raise UserError(f"data.root '{root_str}' holds no class directories: expected root/<class>/<image>")
+    items = list_images(root, classes)
+    if not items:
+        raise UserError(f"data.root '{root_str}' holds no images ({' '.join(IMAGE_EXTENSIONS)}) "
+                        f"in its {len(classes)} class directories")
+    found = {label for _, label in items}
+    empty = [c for i, c in enumerate(classes) if i not in found]
+    if empty:
+        raise UserError(f"class directory '{root / empty[0]}' holds no images ({' '.join(IMAGE_EXTENSIONS)}); "
+                        f"remove it or add images ({len(empty)} such class directories)")
+
+    paths, labels, sizes, failures = [], [], [], []
+    results = _checked([root / rel for rel, _ in items], check, workers, progress)
+    for (rel, label), (reason, size) in zip(items, results):
+        if reason is None:
+            paths.append(rel)
+            labels.append(label)
+            sizes.append(size)
+        elif on_error == "fail":
+            results.close()
+            raise UserError(f"image '{root / rel}': {reason} (data.on_error=fail; "
+                            f"use data.on_error=skip to leave such files out)")
+        else:
+            failures.append({"path": rel, "reason": reason})
+    if not paths:
+        raise UserError(f"data.root '{root_str}': none of its {len(items)} images could be read "
+                        f"(first: {failures[0]['path']}: {failures[0]['reason']})")
+    labels = np.asarray(labels, dtype=np.int64)
+    holdout = stratified_holdout(paths, labels, holdout_fraction, seed)
+    return DatasetIndex(root=root_str, classes=classes, paths=paths, labels=labels, sizes=sizes,
+                        holdout=holdout, seed=seed, holdout_fraction=holdout_fraction, failures=failures)
