@@ -11,6 +11,12 @@ demo)); ``fae_parts(family)`` gives the three names. Generators are ``sit_*``,
 discriminators ``patchgan*``. Each entry also has a ``kind`` for
 ``list_models(kind)``: fae_encoder, feature_decoder, pixel_decoder, sit,
 discriminator.
+
+Parameter counts of the paper configs (``count_parameters``, App. D targets):
+fae_dinov2_g.encoder 37,868,608 (38.17M, -0.79%), .feature_decoder 170,428,416
+(170.43M, -0.00%), .pixel_decoder 304,934,656 (305.36M, -0.14%); sit_xl with
+patch 1 on 16x16x32 674,853,152 (675M, -0.02%). See each model file for the
+design choices behind them.
 """
 
 from __future__ import annotations
