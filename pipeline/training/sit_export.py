@@ -1,0 +1,62 @@
+"""``sit.pt``: the one file the sampling stage needs from a SiT run.
+
+Why a format of its own (not a checkpoint): sampling must rebuild the exact
+network and undo the exact latent normalisation it was trained with, without the
+optimizer state or the run directory. So the export holds the registry name and
+full kwargs, raw and EMA weights, the latent store's per-channel statistics and
+FAE fingerprint (to refuse decoding with a different FAE), the transport settings
+and the resolved config. Written atomically; read back with ``load_sit_export``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fae_pipe.errors import UserError
+
+FORMAT = "fae-pipe/sit-export"
+VERSION = 1
+REQUIRED = ("model_name", "model_kwargs", "state_dict", "ema_state_dict", "latent_stats", "fae_fingerprint",
+            "num_classes", "latent_shape", "transport", "config", "step")
+
+
+def save_sit_export(path: str | Path, **fields) -> Path:
+    """Write the export with ``fields`` (all of ``REQUIRED``) to ``path`` atomically."""
+    missing = [k for k in REQUIRED if k not in fields]
+    if missing:
+        raise ValueError(f"sit export is missing {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"format": FORMAT, "version": VERSION, **fields}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_sit_export(path: str | Path) -> dict:
+    """Read and check an export written by ``save_sit_export``."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"SiT export '{p}' not found; run `fae-pipe train-sit` first")
+    try:
+        payload = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise UserError(f"SiT export '{p}' cannot be read ({type(e).__name__}); re-run `fae-pipe train-sit`") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"'{p}' is not a SiT export written by `fae-pipe train-sit`")
+    if payload.get("version") != VERSION:
+        raise UserError(f"SiT export '{p}' has version {payload.get('version')!r}; this fae-pipe reads {VERSION}")
+    return payload
+
+
+def build_sit_from_export(payload: dict, use_ema: bool = True) -> torch.nn.Module:
+    """The trained SiT in eval mode, with EMA weights when asked for and present."""
+    from fae_pipe.models.registry import create_model
+
+    model = create_model(payload["model_name"], **payload["model_kwargs"])
+    state = payload["ema_state_dict"] if use_ema and payload["ema_state_dict"] is not None else payload["state_dict"]
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
