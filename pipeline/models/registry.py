@@ -21,25 +21,35 @@ design choices behind them.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Callable, NamedTuple
 
 from torch import nn
 
 from fae_pipe.errors import UserError
-from fae_pipe.models.discriminator import PatchDiscriminator
-from fae_pipe.models.fae_encoder import FAEEncoder
-from fae_pipe.models.feature_decoder import FeatureDecoder
-from fae_pipe.models.pixel_decoder import PixelDecoder
-from fae_pipe.models.sit import SiT
+
+# Builders are named "module:attr" and imported on first use, so a stage imports only
+# the model files it builds (train-sit never imports the pixel decoder).
+FAEEncoder = "fae_pipe.models.fae_encoder:FAEEncoder"
+FeatureDecoder = "fae_pipe.models.feature_decoder:FeatureDecoder"
+PixelDecoder = "fae_pipe.models.pixel_decoder:PixelDecoder"
+SiT = "fae_pipe.models.sit:SiT"
+PatchDiscriminator = "fae_pipe.models.discriminator:PatchDiscriminator"
 
 
 class ModelSpec(NamedTuple):
-    """A registered config: the class or function to call, its kwargs, and its kind."""
+    """A registered config: the builder ("module:attr" or a callable), its kwargs, and its kind."""
 
-    builder: Callable[..., nn.Module]
+    builder: str | Callable[..., nn.Module]
     kwargs: dict
     kind: str
+
+    def resolve(self) -> Callable[..., nn.Module]:
+        if callable(self.builder):
+            return self.builder
+        module, attr = self.builder.split(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 KINDS = ("fae_encoder", "feature_decoder", "pixel_decoder", "sit", "discriminator")
@@ -47,7 +57,7 @@ FAE_PARTS = ("encoder", "feature_decoder", "pixel_decoder")
 REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, builder: Callable[..., nn.Module], kind: str, **kwargs) -> None:
+def register(name: str, builder: str | Callable[..., nn.Module], kind: str, **kwargs) -> None:
     """Add a named config; names are unique and kinds must be one of KINDS."""
     if name in REGISTRY:
         raise ValueError(f"model '{name}' is registered twice")
@@ -116,7 +126,7 @@ def model_kwargs(name: str, **overrides) -> dict:
     if name not in REGISTRY:
         raise UserError(f"model: '{name}' is not a registered model; valid: {', '.join(list_models())}")
     spec = REGISTRY[name]
-    accepted = [p for p in inspect.signature(spec.builder).parameters if p != "self"]
+    accepted = [p for p in inspect.signature(spec.resolve()).parameters if p != "self"]
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
         raise UserError(f"model '{name}': unknown option(s) {', '.join(unknown)}; valid: {', '.join(accepted)}")
@@ -130,7 +140,7 @@ def create_model(name: str, **overrides) -> nn.Module:
     count parameters without allocating memory.
     """
     kwargs = model_kwargs(name, **overrides)
-    return REGISTRY[name].builder(**kwargs)
+    return REGISTRY[name].resolve()(**kwargs)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
