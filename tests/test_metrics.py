@@ -6,7 +6,9 @@ metric that tried to download weights would fail here instead of passing by luck
 
 import logging
 import socket
+import warnings
 
+import lpips
 import mpmath
 import numpy as np
 import pytest
@@ -188,6 +190,12 @@ def test_lpips_loads_backbone_from_torch_home(tmp_path, monkeypatch, capsys):
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     d = lpips_distance(model, x, x.flip(0))
     assert torch.isfinite(d).all() and (d > 0).all()
+    # lpips' own pretrained path reads the same cached file: both must agree.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # lpips passes torchvision's deprecated pretrained=
+        native = lpips.LPIPS(net="alex", verbose=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(d, native(x, x.flip(0), normalize=True).flatten())
 
 
 # ---------------------------------------------------------------- FID Inception
