@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 
@@ -158,16 +159,24 @@ def demo_is_complete(root, classes: int = 10, per_class: int = 200, size: int = 
     return True
 
 
-def _write_all(out: Path, classes: int, per_class: int, size: int, seed: int) -> None:
+def _write_class(out: Path, c: int, name: str, per_class: int, size: int, seed: int) -> None:
     width = max(4, len(str(per_class - 1)))
-    for c, name in enumerate(class_names(classes)):
-        (out / name).mkdir()
-        for i, arr in enumerate(render_class(c, per_class, size, seed)):
-            img = Image.fromarray(arr, "RGB")
-            if i % 4 == 3:
-                img.save(out / name / f"{i:0{width}d}.jpg", format="JPEG", quality=90, optimize=False)
-            else:
-                img.save(out / name / f"{i:0{width}d}.png", format="PNG", compress_level=1, optimize=False)
+    (out / name).mkdir()
+    for i, arr in enumerate(render_class(c, per_class, size, seed)):
+        img = Image.fromarray(arr, "RGB")
+        if i % 4 == 3:
+            img.save(out / name / f"{i:0{width}d}.jpg", format="JPEG", quality=90, optimize=False)
+        else:
+            img.save(out / name / f"{i:0{width}d}.png", format="PNG", compress_level=1, optimize=False)
+
+
+def _write_all(out: Path, classes: int, per_class: int, size: int, seed: int) -> None:
+    """Classes in parallel threads (numpy and Pillow's encoders release the GIL); output is order-free."""
+    with ThreadPoolExecutor(max_workers=min(classes, os.cpu_count() or 1)) as pool:
+        jobs = [pool.submit(_write_class, out, c, name, per_class, size, seed)
+                for c, name in enumerate(class_names(classes))]
+        for job in jobs:
+            job.result()
 
 
 def _clean_stale_temps(root: Path) -> None:
