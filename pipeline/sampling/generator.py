@@ -1,0 +1,118 @@
+"""Class labels -> uint8 images: the trained SiT, the latent statistics it was trained with, the FAE decoders.
+
+Why one object: a sample is only right when four files agree. ``sit.pt`` holds the
+network and the per-channel statistics of the latents it learned; ``fae.pt`` holds
+the feature decoder that turns de-normalised latents back into encoder features;
+``decoder.pt`` turns features into pixels. ``ImageGenerator.load`` checks that the
+SiT was trained on latents of this very ``fae.pt`` (sha256 recorded by ``encode``
+and carried through ``train-sit``) and that the shapes fit, and refuses otherwise,
+so a retrained FAE can never silently decode an old SiT's latents.
+
+Path of one batch: noise (t = 1) -> sampler (``fae_pipe.transport.sample``, shift
+from the SiT export, guidance schedule from the config) -> normalised latents ->
+``z * std + mean`` with the export's statistics -> feature decoder -> pixel decoder
+-> [0, 1] -> uint8 (N, H, W, 3).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fae_pipe.errors import UserError
+from fae_pipe.fae.autoencoder import FeatureAutoencoder
+from fae_pipe.sampling.plan import batch_generator, sample_noise
+from fae_pipe.training.checkpoint import file_fingerprint
+from fae_pipe.training.sit_export import build_sit_from_export, load_sit_export
+from fae_pipe.transport import as_schedule, sample
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) images in [0, 1] -> uint8 (N, H, W, 3), rounded to the nearest level."""
+    x = (images.detach().float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def check_fae_match(export: dict, sit_path, fae_path) -> None:
+    """Refuse a SiT whose latents came from another ``fae.pt`` (one-line error)."""
+    expected = export.get("fae_fingerprint")
+    actual = file_fingerprint(fae_path)
+    if expected is None:
+        print(f"sample: warning: {sit_path} records no FAE fingerprint; cannot check it matches {fae_path}",
+              file=sys.stderr)
+        return
+    if expected != actual:
+        raise UserError(f"{sit_path} was trained on latents of another FAE ({expected[:19]}...) than {fae_path} "
+                        f"({actual[:19]}...): point paths.fae_run at that FAE or re-run encode + train-sit")
+
+
+class ImageGenerator:
+    """Trained SiT + FAE decoders on one device; ``generate(indices, labels, seed)`` -> uint8 images.
+
+    Args:
+        sit: the SiT network (eval mode), called as ``sit(x, t, y)``.
+        fae: ``FeatureAutoencoder`` with a pixel decoder.
+        channel_mean, channel_std: the latent statistics the SiT was trained with (C,).
+        latent_shape: (C, H, W); num_classes: real classes (the null class is ``num_classes``).
+        shift: the sampling-grid shift factor (the one used in training).
+    """
+
+    def __init__(self, sit, fae: FeatureAutoencoder, channel_mean, channel_std, latent_shape, num_classes: int,
+                 shift: float, null_class: int, device):
+        self.sit, self.fae, self.device = sit, fae, torch.device(device)
+        c = int(latent_shape[0])
+        self.mean = torch.as_tensor(channel_mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        self.std = torch.as_tensor(channel_std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+        self.latent_shape = tuple(int(v) for v in latent_shape)
+        self.num_classes, self.shift, self.null_class = int(num_classes), float(shift), int(null_class)
+
+    @classmethod
+    def load(cls, sit_path, fae_path, decoder_path, use_ema: bool = True,
+             device: torch.device | str = "cpu") -> "ImageGenerator":
+        """Load and cross-check ``sit.pt``, ``fae.pt`` and ``decoder.pt``."""
+        export = load_sit_export(sit_path)
+        check_fae_match(export, sit_path, fae_path)
+        if use_ema and export.get("ema_state_dict") is None:
+            print(f"sample: note: {sit_path} has no EMA weights (sit.ema_decay = 0); using the raw weights",
+                  file=sys.stderr)
+        fae = FeatureAutoencoder.load(fae_path, decoder_path, stats=False, device=device)
+        shape = tuple(int(v) for v in export["latent_shape"])
+        if (fae.latent_channels, *fae.grid) != shape:
+            raise UserError(f"{sit_path} makes {shape[0]}x{shape[1]}x{shape[2]} latents but {fae_path} decodes "
+                            f"{fae.latent_channels}x{fae.grid[0]}x{fae.grid[1]}: use the FAE the SiT was trained for")
+        stats = export["latent_stats"]
+        transport = export.get("transport") or {}
+        sit = build_sit_from_export(export, use_ema=use_ema).to(device)
+        num_classes = int(export["num_classes"])
+        return cls(sit, fae, stats["channel_mean"], stats["channel_std"], shape, num_classes,
+                   float(transport.get("shift_factor", 1.0)), int(transport.get("null_class", num_classes)), device)
+
+    def latents(self, labels, noise: torch.Tensor, method: str = "euler", steps: int = 250, guidance=None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised latents (B, C, H, W) from ``noise`` for class ``labels`` (B,)."""
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise UserError(f"class labels must lie in [0, {self.num_classes}); got {int(y.min())}..{int(y.max())}")
+        return sample(self.sit, noise.to(self.device), y, method=method, steps=steps, shift=self.shift,
+                      guidance=as_schedule(guidance), null_class=self.null_class, generator=generator)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Normalised latents -> uint8 images (B, H, W, 3) through the feature and pixel decoders."""
+        z = latents.to(self.device, torch.float32) * self.std + self.mean
+        return to_uint8(self.fae.decode(z, output="pixels", normalized=False))
+
+    def generate(self, batch: range, labels, seed: int, method: str = "euler", steps: int = 250,
+                 guidance=None) -> np.ndarray:
+        """uint8 images for the global sample indices ``batch`` (a range) with their ``labels``."""
+        noise = sample_noise(seed, batch, self.latent_shape)
+        gen = batch_generator(seed, batch) if method == "sde" else None
+        return self.decode(self.latents(labels, noise, method, steps, guidance, gen))
+
+
+def default_paths(paths) -> tuple[Path, Path, Path]:
+    """``sit.pt``, ``fae.pt`` and ``decoder.pt`` inside the configured run directories."""
+    return Path(paths.sit_run) / "sit.pt", Path(paths.fae_run) / "fae.pt", Path(paths.decoder_run) / "decoder.pt"

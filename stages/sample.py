@@ -1,0 +1,122 @@
+"""``fae-pipe sample``: class-conditional images from the trained SiT, decoded through the FAE.
+
+Thin over ``fae_pipe.sampling``: resolve the classes and labels, let each process
+generate its share of the global batches (``accelerate launch`` gives several; a
+plain call is one), gather on the main process, and write
+
+- ``<samples>/samples.npz``: ADM layout, ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` labels;
+- ``<samples>/grid.png``: one row per class (at most ``MAX_GRID_ROWS``), class names on the left;
+- ``<samples>/samples.json``: how the samples were made (read back by ``evaluate``).
+
+Same seed, same images, whatever the batch split over processes (``plan.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fae_pipe.config import Config
+from fae_pipe.device import pick_device
+from fae_pipe.errors import UserError
+from fae_pipe.sampling.generator import ImageGenerator, default_paths
+from fae_pipe.sampling.grid import make_grid
+from fae_pipe.sampling.outputs import SAMPLES_FILE, gather_parts, save_samples, write_part
+from fae_pipe.sampling.plan import balanced_labels, process_batches, resolve_classes
+from fae_pipe.training.checkpoint import file_fingerprint
+
+MAX_GRID_ROWS = 64  # a 1000-class grid would be a 258k-pixel-tall PNG; the first 64 classes show enough
+META_FILE = "samples.json"
+
+
+def class_names(latents_path: str, num_classes: int) -> list[str] | None:
+    """Class names recorded in the latent store's attrs (copied from the index by extract/encode), if any."""
+    from fae_pipe.cache import schema
+
+    try:
+        group, _ = schema.open_store(latents_path)
+    except UserError:
+        return None
+    names = group.attrs.get(schema.A_CLASSES)
+    return [str(n) for n in names] if names and len(names) == num_classes else None
+
+
+def _distributed_state():
+    """(rank, world size, device, barrier) from Accelerate; one process when not launched."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state.device, state.wait_for_everyone
+
+
+def run(cfg: Config) -> dict:
+    s, paths = cfg.sample, cfg.paths
+    t0 = time.perf_counter()
+    rank, world, launch_device, barrier = _distributed_state()
+    device = launch_device if (s.device == "auto" and world > 1) else pick_device(s.device)
+    sit_path, fae_path, decoder_path = default_paths(paths)
+    gen = ImageGenerator.load(sit_path, fae_path, decoder_path, use_ema=s.use_ema, device=device)
+    names = class_names(paths.latents, gen.num_classes)
+    classes = resolve_classes(list(s.classes), gen.num_classes, names)
+    labels = balanced_labels(classes, s.num_samples)
+    mine = process_batches(s.num_samples, s.batch_size, rank, world)
+    my_count = sum(len(b) for b in mine)
+    out_dir = Path(paths.samples)
+    if rank == 0:
+        c, h, w = gen.latent_shape
+        print(f"sample: {s.num_samples} images of {len(classes)} class(es) with {s.method} x {s.steps} steps, "
+              f"guidance {s.guidance or 'none'}, shift {gen.shift:.3g}, {c}x{h}x{w} latents, "
+              f"{'EMA' if s.use_ema else 'raw'} weights, {world} process(es) on {device}", file=sys.stderr)
+
+    pieces = []
+    with tqdm(total=my_count, desc="sample", unit="img", disable=rank != 0, dynamic_ncols=True) as bar:
+        for batch in mine:
+            pieces.append(gen.generate(batch, labels[batch.start:batch.stop], s.seed, s.method, s.steps, s.guidance))
+            bar.update(len(batch))
+    indices = np.concatenate([np.arange(b.start, b.stop) for b in mine]) if mine else np.zeros(0, np.int64)
+    own = np.concatenate(pieces) if pieces else np.zeros((0, 1, 1, 3), np.uint8)
+
+    if world > 1:
+        write_part(out_dir, rank, world, indices, own)
+        barrier()
+    summary = {}
+    if rank == 0:
+        images = gather_parts(out_dir, world, s.num_samples) if world > 1 else own
+        summary = _write_outputs(out_dir, images, labels, classes, names, s, gen, fae_path, sit_path, world)
+        wall = time.perf_counter() - t0
+        summary["wall_seconds"] = round(wall, 3)
+        _write_meta(out_dir / META_FILE, summary)
+        print(f"sample: {len(images)} images {images.shape[1]}x{images.shape[2]} in {wall:.1f} s "
+              f"({len(images) / max(wall, 1e-9):.2f} img/s, {world} process(es)) -> {out_dir / SAMPLES_FILE}, "
+              f"{out_dir / 'grid.png'}")
+    if world > 1:
+        barrier()
+    return summary
+
+
+def _write_outputs(out_dir: Path, images, labels, classes, names, s, gen, fae_path, sit_path, world) -> dict:
+    save_samples(out_dir / SAMPLES_FILE, images, labels)
+    shown = classes[:MAX_GRID_ROWS]
+    make_grid(images, labels, shown, s.grid_per_class, names).save(out_dir / "grid.png")
+    if len(classes) > len(shown):
+        print(f"sample: grid.png shows the first {len(shown)} of {len(classes)} classes", file=sys.stderr)
+    return {
+        "num_samples": int(len(images)), "image_size": [int(images.shape[1]), int(images.shape[2])],
+        "classes": [int(c) for c in classes], "class_names": None if names is None else [names[c] for c in classes],
+        "method": s.method, "steps": s.steps, "guidance": s.guidance, "seed": s.seed, "use_ema": s.use_ema,
+        "batch_size": s.batch_size, "shift_factor": gen.shift, "world_size": world,
+        "sit": str(sit_path), "sit_fingerprint": file_fingerprint(sit_path),
+        "fae_fingerprint": file_fingerprint(fae_path),
+    }
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(path)
