@@ -110,6 +110,13 @@ class ShardedLoader:
         return rng.integers(0, self.num_views, size=self.num_samples, dtype=np.int64)
 
     # ---- data --------------------------------------------------------------------
+    @property
+    def resident_shards(self) -> int:
+        """Storage shards currently held in memory (all of them when the store is in RAM)."""
+        if self.in_ram:
+            return self.num_shards if self._blocks else 0
+        return len(self._blocks)
+
     def batches_from(self, step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Infinite ``(epoch, batch)`` stream starting at global batch number ``step``."""
         epoch, first = divmod(int(step), self.steps_per_epoch)
