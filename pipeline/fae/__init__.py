@@ -1,0 +1,1 @@
+"""The FAE around the models: losses, exported files, and the frozen encode/decode object."""

@@ -1,0 +1,88 @@
+"""The FAE training objectives, written once so train-fae, train-decoder and the tests agree.
+
+Feature stage: ``L2(x_hat, x) + beta * KL(q(z|x) || N(0, I))``. Both terms are
+means over elements (the MSE over tokens and feature channels, the KL over tokens
+and latent channels), so ``beta`` means the same thing whatever the token grid,
+feature width or latent width (a per-sample KL *sum* would scale with N * C and
+need a beta thousands of times smaller). Features are used raw (no per-channel
+standardisation): decoded features must land in the frozen encoder's own space,
+where the pixel decoder and the probes read them.
+
+Pixel stage: reconstruction (L1 or L2 on [-1, 1] images) + LPIPS + a GAN term
+whose weight is the VQGAN adaptive weight: the ratio of the gradient norms of the
+reconstruction-plus-perceptual loss and of the generator loss at the decoder's
+last layer, so the adversarial push never swamps the reconstruction signal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fae_pipe.errors import UserError
+
+ADAPTIVE_WEIGHT_MAX = 1e4  # VQGAN's clamp: a vanishing GAN gradient must not explode the weight
+
+
+def feature_loss(x_hat: torch.Tensor, x: torch.Tensor, posterior, beta: float):
+    """Return (loss, mse, kl): element-mean squared error + beta * element-mean KL."""
+    mse = (x_hat.float() - x.float()).pow(2).mean()
+    kl = posterior.kl("mean").float()
+    return mse + beta * kl, mse, kl
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of matching tokens (..., D), one value per token (fp32)."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-8)
+
+
+def token_rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square over the channel dim of each token, keepdim (..., 1)."""
+    return x.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+
+
+def noise_features(x: torch.Tensor, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``x + sigma * rms(token) * eps``: stage-1 augmentation scaled to each token's own magnitude.
+
+    Scaling by the token RMS makes ``sigma`` a signal-to-noise ratio that carries
+    over between encoders whose features differ in scale (DINOv2-S vs -g).
+    """
+    if sigma == 0.0:
+        return x
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return (x.float() + sigma * token_rms(x) * eps).to(x.dtype)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Pixel reconstruction loss, element mean: "l1" or "l2"."""
+    if kind == "l1":
+        return (pred.float() - target.float()).abs().mean()
+    if kind == "l2":
+        return (pred.float() - target.float()).pow(2).mean()
+    raise UserError(f"decoder.rec_loss = {kind!r} is invalid: expected l1 or l2")
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Discriminator objective: hinge (VQGAN/StyleGAN-T) or non-saturating (logistic)."""
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - real_logits.float()).mean() + F.relu(1.0 + fake_logits.float()).mean())
+    if kind == "nonsat":
+        return 0.5 * (F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean())
+    raise UserError(f"decoder.gan_loss = {kind!r} is invalid: expected hinge or nonsat")
+
+
+def generator_loss(fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Generator objective matching ``discriminator_loss``: -D(fake) for hinge, softplus(-D) otherwise."""
+    if kind == "hinge":
+        return -fake_logits.float().mean()
+    if kind == "nonsat":
+        return F.softplus(-fake_logits.float()).mean()
+    raise UserError(f"decoder.gan_loss = {kind!r} is invalid: expected hinge or nonsat")
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """VQGAN's balance: ||d nll / d w|| / (||d g_loss / d w|| + 1e-4), clamped to [0, 1e4], no gradient."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()

@@ -1,0 +1,109 @@
+"""``fae-pipe encode``: the feature store through the trained FAE encoder into ``latents.zarr``.
+
+Reuses the one sharded-writing machinery of ``extract`` (lock, per-shard
+completion records, resume, ``--shards``/``--workers``/``--scheduler``): only the
+shard task differs (``fae_pipe.fae.encode_task``). The store's ``config_hash``
+covers the FAE file's sha256, the source store's hash and the layout, so a new
+FAE never silently mixes with latents of the old one. The exact channel
+statistics are merged from the shard records at the end and written both into
+the store's attrs and beside ``fae.pt`` (``latent_stats.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from fae_pipe.cache import schema
+from fae_pipe.cache.bookkeeping import StoreLock
+from fae_pipe.cache.shards import ShardPlan, run_shards
+from fae_pipe.cache.store_writer import finalize, mark_incomplete, open_or_create
+from fae_pipe.config import Config
+from fae_pipe.errors import UserError
+from fae_pipe.fae.channel_stats import merge_moments
+from fae_pipe.fae.data import open_feature_store
+from fae_pipe.fae.encode_task import EncodeTask
+from fae_pipe.fae.export import FAE_FILE, load_fae_file, write_latent_stats
+from fae_pipe.training.checkpoint import file_fingerprint
+from fae_pipe.training.logs import write_metrics
+
+COPIED_ATTRS = (schema.A_ENCODER, schema.A_IMAGE_SIZE, schema.A_CROP, schema.A_RESIZE, schema.A_NORMALIZATION,
+                schema.A_VIEWS, schema.A_NUM_CLASSES, schema.A_CLASSES, schema.A_DATASET_FINGERPRINT,
+                schema.A_INDEX_PATH)
+A_FAE_FINGERPRINT = "fae_fingerprint"
+A_FAE_MODELS = "fae_models"
+A_SOURCE = "source_features"
+A_STATS_COUNT = "channel_stats_count"
+A_LATENT_VALUES = "latent_values"
+
+
+def check_compatible(payload: dict, group, fae_path: Path, features_path: str) -> None:
+    dim = group[schema.FEATURES].shape[-1]
+    grid = [int(g) for g in group.attrs[schema.A_GRID]]
+    if payload["feature_dim"] != dim or list(payload["grid"]) != grid:
+        raise UserError(f"{fae_path} was trained on {payload['grid']} x {payload['feature_dim']} features but "
+                        f"{features_path} holds {grid} x {dim}: retrain with `fae-pipe train-fae` on this store")
+
+
+def store_bytes(path) -> int:
+    """Bytes of a store's data files (its bookkeeping directory excluded)."""
+    root = Path(path)
+    return sum(p.stat().st_size for p in root.rglob("*")
+               if p.is_file() and schema.BOOKKEEPING_DIR not in p.relative_to(root).parts)
+
+
+def run(cfg: Config, overwrite: bool = False) -> None:
+    t0 = time.perf_counter()
+    fae_path = Path(cfg.paths.fae_run) / FAE_FILE
+    if not fae_path.is_file():
+        raise UserError(f"encode: {fae_path} not found; run `fae-pipe train-fae` first")
+    payload = load_fae_file(fae_path)
+    source = open_feature_store(cfg.paths.features)
+    check_compatible(payload, source, fae_path, cfg.paths.features)
+    n, views = source[schema.FEATURES].shape[:2]
+    shard_samples = int(source.attrs[schema.A_SHARD_SAMPLES])
+    chunk_samples = int(source.attrs[schema.A_CHUNK_SAMPLES])
+    fae_fp = file_fingerprint(fae_path)
+    src = {"path": str(Path(cfg.paths.features).resolve()), "config_hash": source.attrs.get(schema.A_CONFIG_HASH)}
+    config_hash = hashlib.sha256(json.dumps({
+        "schema_version": schema.SCHEMA_VERSION, "fae": fae_fp, "source": src["config_hash"],
+        "store_std": cfg.encode.store_std, "shard_samples": shard_samples, "chunk_samples": chunk_samples,
+    }, sort_keys=True).encode()).hexdigest()
+    attrs = {k: source.attrs[k] for k in COPIED_ATTRS if k in source.attrs}
+    attrs.update({A_FAE_FINGERPRINT: fae_fp, A_FAE_MODELS: payload["models"], A_SOURCE: src,
+                  A_LATENT_VALUES: "raw posterior means; standardise with channel_mean / channel_std"})
+    channels = payload["latent_channels"]
+    out = cfg.paths.latents
+
+    def create():
+        return schema.create_latent_store(out, n, views, channels, payload["grid"], shard_samples, chunk_samples,
+                                          attrs, store_std=cfg.encode.store_std)
+
+    task = EncodeTask(str(fae_path.resolve()), fae_fp, src["path"], cfg.encode.batch_size, cfg.encode.device,
+                      cfg.encode.store_std)
+    with StoreLock(out):
+        group, resumed = open_or_create(out, config_hash, create, overwrite)
+        mark_incomplete(group)
+        result = run_shards(out, task, ShardPlan(n, shard_samples), config_hash, units=cfg.encode.shards,
+                            workers=cfg.encode.workers, scheduler=cfg.encode.scheduler, threads=cfg.encode.threads,
+                            desc="encode")
+        if not result.complete:
+            missing = sorted(set(range(result.shards_total)) - set(result.records))
+            raise UserError(f"encode: shards {missing} of {out} have no completion record; re-run `fae-pipe encode`")
+        count, mean, std = merge_moments([result.records[i]["extras"]["moments"] for i in sorted(result.records)])
+        finalize(group, list(source.attrs.get(schema.A_FAILURES, [])), {
+            schema.A_CHANNEL_MEAN: mean.tolist(), schema.A_CHANNEL_STD: std.tolist(), A_STATS_COUNT: count})
+    write_latent_stats(fae_path, mean, std, count, dict(src, latents=str(Path(out).resolve())))
+    lat_b, feat_b = store_bytes(out) / n, store_bytes(cfg.paths.features) / n
+    wall = time.perf_counter() - t0
+    write_metrics(Path(cfg.paths.metrics) / "encode.json", {
+        "samples": int(n), "views": int(views), "latent_bytes_per_sample": lat_b, "feature_bytes_per_sample": feat_b,
+        "compression": feat_b / lat_b, "wall_seconds": wall, "shards_written": result.shards_written,
+        "shards_skipped": result.shards_skipped})
+    print(f"encode: {n} samples x {views} views -> {out} ({channels} ch, {'resumed, ' if resumed else ''}"
+          f"{result.shards_written} shards written, {result.shards_skipped} skipped), "
+          f"{lat_b / 1024:.1f} KiB/sample vs {feat_b / 1024:.1f} KiB features ({feat_b / lat_b:.0f}x), "
+          f"{wall:.1f} s; stats -> {fae_path.with_name('latent_stats.json')}", file=sys.stderr)
