@@ -11,6 +11,9 @@ and the root are left out on purpose: a copied or moved dataset keeps its
 fingerprint, while adding, removing, renaming, relabelling or resizing any file, or
 changing the split, changes it.
 
+Sample ids are the row numbers and are not stored. ``root`` is kept as given (often
+relative to the project directory, where DVC runs the stages); ``abspath`` joins it.
+
 Split: per class (stratified) ``round(n * holdout_fraction)`` files are held out
 (never a whole class). Which ones is decided by ranking sha256(seed, relpath): stable
 across machines and numpy versions, and adding a file disturbs few others.
@@ -31,8 +34,9 @@ from fae_pipe.errors import UserError
 INDEX_SCHEMA = "fae-pipe-index/1"
 
 
-def _file_rank(seed: int, relpath: str) -> bytes:
-    return hashlib.sha256(f"{seed}\0{relpath}".encode()).digest()
+def _file_rank(seed: int, relpath: str) -> int:
+    """First 8 bytes of sha256(seed, relpath) as an integer: the file's place in the split draw."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{relpath}".encode()).digest()[:8], "big")
 
 
 def holdout_count(n: int, fraction: float) -> int:
@@ -41,24 +45,27 @@ def holdout_count(n: int, fraction: float) -> int:
 
 
 def stratified_holdout(paths: list[str], labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean holdout mask choosing ``holdout_count`` files per label by hash rank."""
+    """Boolean holdout mask: in each label, the ``holdout_count`` files of lowest hash rank."""
+    labels = np.asarray(labels, dtype=np.int64)
     mask = np.zeros(len(paths), dtype=bool)
-    labels = np.asarray(labels)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        k = holdout_count(len(members), fraction)
-        if k:
-            ranked = sorted(members, key=lambda i: _file_rank(seed, paths[i]))
-            mask[ranked[:k]] = True
+    if not len(paths) or fraction <= 0:
+        return mask
+    ranks = np.fromiter((_file_rank(seed, p) for p in paths), dtype=np.uint64, count=len(paths))
+    order = np.lexsort((ranks, labels))  # by label, then rank
+    counts = np.bincount(labels)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(len(paths)) - np.repeat(starts, counts)  # place of each sorted row in its label
+    take = np.array([holdout_count(int(n), fraction) for n in counts], dtype=np.int64)
+    mask[order[position < np.repeat(take, counts)]] = True
     return mask
 
 
 def compute_fingerprint(paths, sizes, labels, holdout, seed: int, fraction: float) -> str:
     """sha256 hex over the dataset content that matters (see module docstring)."""
-    h = hashlib.sha256(f"{INDEX_SCHEMA}\nseed={seed}\nholdout_fraction={fraction!r}\n".encode())
-    for p, s, lab, ho in zip(paths, sizes, labels, holdout):
-        h.update(f"{p}\t{int(s)}\t{int(lab)}\t{int(bool(ho))}\n".encode())
-    return h.hexdigest()
+    header = f"{INDEX_SCHEMA}\nseed={seed}\nholdout_fraction={fraction!r}\n"
+    rows = "".join(f"{p}\t{s}\t{lab}\t{int(ho)}\n" for p, s, lab, ho in zip(
+        paths, np.asarray(sizes).tolist(), np.asarray(labels).tolist(), np.asarray(holdout, bool).tolist()))
+    return hashlib.sha256((header + rows).encode()).hexdigest()
 
 
 @dataclass

@@ -92,7 +92,10 @@ def load_rgb(path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            try:
+                return to_rgb(img)
+            except ValueError as e:
+                raise ImageDecodeError(path, f"unsupported image mode {img.mode}: {e}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(path, "not an image") from None
     except Image.DecompressionBombError as e:
