@@ -135,6 +135,8 @@ def test_index_roundtrip_and_errors(tmp_path):
     assert back.paths == index.paths and back.classes == index.classes and back.root == index.root
     assert np.array_equal(back.labels, index.labels) and np.array_equal(back.holdout, index.holdout)
     assert back.fingerprint == index.fingerprint and len(back) == 10
+    zero = scan_folder(tmp_path / "data", 0, 0)  # integer fraction: same fingerprint after the JSON trip
+    assert read_index(write_index(zero, tmp_path / "zero.json")).fingerprint == zero.fingerprint
     with pytest.raises(UserError, match=r"not found: run `fae-pipe prepare` first"):
         read_index(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")

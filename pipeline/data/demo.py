@@ -24,6 +24,7 @@ marker file written last; a complete set with the same parameters is left alone.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -115,7 +116,7 @@ def render(c: int, size: int, rng: np.random.Generator) -> np.ndarray:
         [0.3, 0.3, 0.18, 0.0, 0.0], [0.7, 0.7, 0.36, 2 * np.pi, 2 * np.pi]))  # python floats keep float32 math
     yy, xx = _grid(2 * size)  # the shape is rasterised at 2x and box-averaged
     dx, dy = (xx - cx) / radius, (yy - cy) / radius
-    cos, sin = np.cos(theta), np.sin(theta)
+    cos, sin = math.cos(theta), math.sin(theta)
     alpha = _box_half(_shape_alpha(shape, cos * dx + sin * dy, cos * dy - sin * dx, rng))[..., None]
 
     if style:
@@ -123,7 +124,7 @@ def render(c: int, size: int, rng: np.random.Generator) -> np.ndarray:
     else:
         base = rng.uniform(0, 110, size=3)
     yy, xx = _grid(size)
-    ramp = (np.cos(gdir) * xx + np.sin(gdir) * yy)[..., None] - 0.5
+    ramp = (math.cos(gdir) * xx + math.sin(gdir) * yy)[..., None] - 0.5
     background = (base + rng.uniform(20, 60) * ramp).astype(np.float32)
     foreground = (np.asarray(colour) + rng.normal(0, 15, size=3)).astype(np.float32)
     img = background + (foreground - background) * alpha

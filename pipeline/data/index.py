@@ -14,8 +14,8 @@ changing the split, changes it.
 Sample ids are the row numbers and are not stored. ``root`` is kept as given (often
 relative to the project directory, where DVC runs the stages); ``abspath`` joins it.
 
-Split: per class (stratified) ``round(n * holdout_fraction)`` files are held out
-(never a whole class). Which ones is decided by ranking sha256(seed, relpath): stable
+Split: per class (stratified) ``n * holdout_fraction`` files, rounded half up, are
+held out (never a whole class). Which ones is decided by ranking sha256(seed, relpath): stable
 across machines and numpy versions, and adding a file disturbs few others.
 """
 
@@ -62,7 +62,7 @@ def stratified_holdout(paths: list[str], labels: np.ndarray, fraction: float, se
 
 def compute_fingerprint(paths, sizes, labels, holdout, seed: int, fraction: float) -> str:
     """sha256 hex over the dataset content that matters (see module docstring)."""
-    header = f"{INDEX_SCHEMA}\nseed={seed}\nholdout_fraction={fraction!r}\n"
+    header = f"{INDEX_SCHEMA}\nseed={int(seed)}\nholdout_fraction={float(fraction)!r}\n"
     rows = "".join(f"{p}\t{s}\t{lab}\t{int(ho)}\n" for p, s, lab, ho in zip(
         paths, np.asarray(sizes).tolist(), np.asarray(labels).tolist(), np.asarray(holdout, bool).tolist()))
     return hashlib.sha256((header + rows).encode()).hexdigest()
@@ -87,6 +87,7 @@ class DatasetIndex:
     def __post_init__(self):
         n = len(self.paths)
         self.paths = list(self.paths)
+        self.seed, self.holdout_fraction = int(self.seed), float(self.holdout_fraction)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         self.sizes = np.zeros(n, np.int64) if self.sizes is None else np.asarray(self.sizes, dtype=np.int64)
         self.holdout = np.zeros(n, bool) if self.holdout is None else np.asarray(self.holdout, dtype=bool)
