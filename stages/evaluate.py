@@ -1,0 +1,232 @@
+"""``fae-pipe evaluate``: generation and reconstruction metrics into ``<metrics>/eval.json``.
+
+Generation (``<samples>/samples.npz`` against the real data):
+
+- FD-DINOv2: Frechet distance of DINOv2 cls tokens, generated images vs the feature
+  store's cached cls tokens of up to ``evaluate.max_reference`` real images (valid
+  rows, the reference view "orig"). The encoder is rebuilt from the config and must
+  be the one the store was made with (name, input size, precision, weights fingerprint).
+- precision / recall / density / coverage: k-NN manifolds (``evaluate.knn_k``) in the
+  same cls space, real side capped at the number of generated images (equal sizes,
+  as the metric's authors recommend).
+- FID and Inception Score only with a local FID Inception file
+  (``evaluate.inception_weights``); otherwise ``null`` with a ``*_status`` saying why.
+  FID's real statistics come from the same reference images, decoded from the index.
+
+Reconstruction (held-out images through the FAE): feature store tokens -> FAE
+encoder (posterior mean) -> feature decoder -> pixel decoder, against the images'
+own pixels: rFD-DINOv2 (vs the stored cls tokens of the same images), PSNR, LPIPS
+(VGG, only when torchvision's VGG-16 file is in the torch hub cache), rFID with
+Inception weights. Metric maths lives in ``fae_pipe.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fae_pipe.cache import schema
+from fae_pipe.config import Config
+from fae_pipe.device import pick_device
+from fae_pipe.errors import UserError
+from fae_pipe.fae.data import feature_split, open_feature_store
+from fae_pipe.metrics.frechet import RunningStats, feature_stats, frechet_distance
+from fae_pipe.metrics.weights import MetricUnavailable
+from fae_pipe.sampling.outputs import SAMPLES_FILE, load_samples
+from fae_pipe.sampling.reference import (encoder_cls, load_reference_pixels, read_view, reference_view,
+                                         spread_rows)
+from fae_pipe.training.logs import write_metrics
+
+NO_INCEPTION = "unavailable: no evaluate.inception_weights"
+PIXEL_BLOCK = 256  # reference images decoded per Inception pass (bounds RAM at ImageNet scale)
+
+
+def check_encoder(cfg_enc, attrs: dict, store: str) -> dict:
+    """The store's encoder record, refused unless the configured encoder matches it."""
+    rec = attrs.get(schema.A_ENCODER)
+    if not isinstance(rec, dict):
+        raise UserError(f"{store} records no encoder settings (attrs 'encoder'); re-create it with `fae-pipe extract`")
+    for key in ("name", "input_size", "precision", "weights"):
+        if rec.get(key) != getattr(cfg_enc, key):
+            raise UserError(f"encoder.{key} = {getattr(cfg_enc, key)!r} differs from the {rec.get(key)!r} that made "
+                            f"{store}: evaluate with the store's encoder settings")
+    return rec
+
+
+def fd(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def load_inception(ev, device):
+    """(model, None) or (None, status) for FID/IS."""
+    if not ev.inception_weights:
+        return None, NO_INCEPTION
+    from fae_pipe.metrics.inception import load_fid_inception
+
+    try:
+        return load_fid_inception(ev.inception_weights, device), None
+    except MetricUnavailable as e:
+        return None, _short(e)
+
+
+def inception_generation(model, images, index, sample_ids, image_size, view, ev, workers) -> dict:
+    """FID of the samples against the reference images, and the samples' Inception Score."""
+    from fae_pipe.metrics.inception import inception_features, inception_score
+
+    pool, logits = inception_features(images, model, ev.batch_size)
+    real = RunningStats()
+    for lo in range(0, len(sample_ids), PIXEL_BLOCK):
+        pixels = load_reference_pixels(index, sample_ids[lo:lo + PIXEL_BLOCK], image_size, view, workers)
+        real.update(inception_features(pixels, model, ev.batch_size)[0])
+    score, spread = inception_score(logits, splits=min(10, len(images)))
+    return {"fid": frechet_distance(*feature_stats(pool), *real.finalize()), "fid_status": "ok",
+            "inception_score": score, "inception_score_std": spread, "is_status": "ok"}
+
+
+def reconstruction(cfg: Config, group, encoder, view: tuple[int, str], inception, device) -> dict:
+    """rFD-DINOv2, PSNR, LPIPS (and rFID) of held-out images rebuilt through the FAE."""
+    from fae_pipe.data.index import read_index
+    from fae_pipe.fae.autoencoder import FeatureAutoencoder
+    from fae_pipe.metrics.image import build_lpips, lpips_distance, psnr
+    from fae_pipe.sampling.generator import to_uint8
+
+    ev, paths = cfg.evaluate, cfg.paths
+    rows = feature_split(group, paths.index, paths.features).holdout_rows(ev.recon_images)
+    if len(rows) < 2:
+        return {"status": f"unavailable: {len(rows)} held-out image(s) in {paths.features}; need 2 "
+                          "(raise data.holdout_fraction and re-run prepare + extract)"}
+    fae = FeatureAutoencoder.load(Path(paths.fae_run) / "fae.pt", Path(paths.decoder_run) / "decoder.pt",
+                                  stats=False, device=device)
+    index = read_index(paths.index)
+    ids = np.asarray(group[schema.SAMPLE_IDS].oindex[rows])
+    recon = []
+    for lo in range(0, len(rows), ev.batch_size):
+        feats = torch.from_numpy(read_view(group, schema.FEATURES, rows[lo:lo + ev.batch_size], view[0]))
+        recon.append(to_uint8(fae.decode(fae.encode(feats, normalized=False), "pixels", normalized=False)))
+    recon = np.concatenate(recon)
+    size = int(group.attrs[schema.A_IMAGE_SIZE])
+    target = load_reference_pixels(index, ids, size, view[1], cfg.data.decode_workers)
+    if recon.shape != target.shape:
+        raise UserError(f"the pixel decoder makes {recon.shape[1]} px images but {paths.features} holds "
+                        f"{size} px crops: train the decoder at data.image_size = {size}")
+    out = {"num_images": int(len(rows)), "psnr": _finite(psnr(recon, target)),
+           "rfd_dinov2": fd(encoder_cls(encoder, recon, ev.batch_size), read_view(group, schema.CLS, rows, view[0]))}
+    try:
+        model = build_lpips("vgg", device)
+        nchw = [torch.from_numpy(a).permute(0, 3, 1, 2) for a in (recon, target)]
+        out.update(lpips=float(lpips_distance(model, *nchw, batch_size=ev.batch_size).mean()), lpips_status="ok")
+    except MetricUnavailable as e:
+        out.update(lpips=None, lpips_status=_short(e))
+    if inception is not None:
+        from fae_pipe.metrics.inception import inception_features
+
+        out["rfid"] = fd(inception_features(recon, inception, ev.batch_size)[0].numpy(),
+                         inception_features(target, inception, ev.batch_size)[0].numpy())
+    return out
+
+
+def run(cfg: Config) -> dict:
+    from fae_pipe.encoders.dinov2 import build_encoder
+
+    t0, ev, paths = time.perf_counter(), cfg.evaluate, cfg.paths
+    device = pick_device(cfg.encoder.device)
+    images, _ = load_samples(Path(paths.samples) / SAMPLES_FILE)
+    if len(images) < 2:
+        raise UserError(f"{Path(paths.samples) / SAMPLES_FILE} holds {len(images)} image(s); evaluate needs >= 2 "
+                        "(raise sample.num_samples)")
+    group = open_feature_store(paths.features)
+    rec = check_encoder(cfg.encoder, dict(group.attrs), paths.features)
+    size = int(group.attrs[schema.A_IMAGE_SIZE])
+    if images.shape[1:3] != (size, size):
+        raise UserError(f"samples are {images.shape[1]}x{images.shape[2]} but {paths.features} holds {size} px "
+                        "crops: the pixel decoder must produce data.image_size images")
+    enc = build_encoder(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, device, cfg.encoder.precision)
+    if enc.weights_fingerprint != rec.get("weights_fingerprint"):
+        raise UserError(f"encoder weights {enc.weights_fingerprint[:23]} differ from the "
+                        f"{str(rec.get('weights_fingerprint'))[:23]} that made {paths.features}")
+    view = reference_view(group)
+    ref_rows = spread_rows(np.asarray(group[schema.VALID][:], bool), ev.max_reference)
+    ref = read_view(group, schema.CLS, ref_rows, view[0])
+    gen = encoder_cls(enc, images, ev.batch_size)
+    result = {"num_generated": int(len(images)), "num_reference": int(len(ref_rows)), "reference_view": view[1],
+              "fd_dinov2": fd(gen, ref), "knn_k": ev.knn_k,
+              "encoder": {"name": rec["name"], "weights": rec["weights"], "input_size": rec["input_size"],
+                          "random_weights": bool(rec.get("random_weights"))}}
+    from fae_pipe.metrics.prdc import prdc
+
+    result.update(prdc(ref[:len(gen)], gen, k=ev.knn_k, device=device))
+    inception, status = load_inception(ev, device)
+    if inception is None:
+        result.update(fid=None, fid_status=status, inception_score=None, inception_score_std=None, is_status=status)
+    else:
+        from fae_pipe.data.index import read_index
+
+        ids = np.asarray(group[schema.SAMPLE_IDS].oindex[ref_rows])
+        result.update(inception_generation(inception, images, read_index(paths.index), ids, size, view[1], ev,
+                                           cfg.data.decode_workers))
+    result["reconstruction"] = reconstruction(cfg, group, enc, view, inception, device)
+    meta = _read_samples_json(Path(paths.samples))
+    result["warnings"] = _warnings(result, meta, Path(paths.fae_run) / "fae.pt")
+    result["samples"] = _samples_meta(meta)
+    result["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    out = Path(paths.metrics) / "eval.json"
+    write_metrics(out, result)
+    print(summary_line(result, out))
+    return result
+
+
+def _read_samples_json(samples_dir: Path) -> dict | None:
+    meta = samples_dir / "samples.json"
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
+def _samples_meta(m: dict | None) -> dict | None:
+    """The sampling settings recorded by ``sample`` (scalars only, so ``dvc metrics show`` stays readable)."""
+    if m is None:
+        return None
+    out = {k: m.get(k) for k in ("method", "steps", "seed", "use_ema", "num_samples")}
+    out["guidance"] = json.dumps(m.get("guidance"))
+    return out
+
+
+def _short(e: Exception) -> str:
+    """A metric's unavailability as a short status: the message up to its first ';'."""
+    return f"unavailable: {str(e).split(';')[0]}"
+
+
+def _warnings(result: dict, meta: dict | None, fae_path: Path) -> list[str]:
+    notes = []
+    if result["encoder"]["random_weights"]:
+        notes.append("encoder weights are RANDOM: FD-DINOv2, precision/recall and rFD are not DINOv2 numbers")
+    if meta and fae_path.is_file():
+        from fae_pipe.training.checkpoint import file_fingerprint
+
+        if meta.get("fae_fingerprint") != file_fingerprint(fae_path):
+            notes.append(f"the samples were decoded with another fae.pt than {fae_path} (used for reconstruction)")
+    for note in notes:
+        print(f"evaluate: WARNING: {note}", file=sys.stderr)
+    return notes
+
+
+def _finite(v: float) -> float | None:
+    """JSON has no infinity: a PSNR of identical images (+inf) is written as null."""
+    return v if np.isfinite(v) else None
+
+
+def _num(v, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def summary_line(r: dict, out: Path) -> str:
+    rc = r["reconstruction"]
+    return (f"evaluate: {r['num_generated']} samples vs {r['num_reference']} reference: FD-DINOv2 "
+            f"{_num(r['fd_dinov2'], '.4g')}, FID {_num(r['fid'], '.2f')}, IS {_num(r['inception_score'], '.2f')}, "
+            f"precision {_num(r['precision'])}, recall {_num(r['recall'])}; reconstruction: rFD-DINOv2 "
+            f"{_num(rc.get('rfd_dinov2'), '.4g')}, PSNR {_num(rc.get('psnr'), '.2f')} dB, LPIPS "
+            f"{_num(rc.get('lpips'))}{' (RANDOM encoder)' if r['encoder']['random_weights'] else ''} "
+            f"in {r['wall_seconds']:.1f} s -> {out}")

@@ -1,0 +1,70 @@
+"""A complete, tiny, really trained pipeline, built once per test session with the real CLI.
+
+prepare --demo (3 classes x 12 images, 64 px) -> extract (DINOv2-S, random weights,
+112 px so the tokens form the 8x8 grid fae_tiny expects) -> train-fae -> train-decoder
+-> encode -> train-sit -> sample, each with a handful of steps. Stages run in this
+process through ``fae_pipe.cli.main`` (exactly the user's command line, without
+paying a Python start per stage). The result lives under the session's base temp
+directory, so every test module that asks for it shares one build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from fae_pipe.cli import main
+
+DONE = "BUILT"
+STAGES = ("prepare", "extract", "train-fae", "train-decoder", "encode", "train-sit", "sample")
+
+
+def tiny_config(root: Path) -> dict:
+    return {
+        "paths": {"index": str(root / "index.json"), "features": str(root / "features.zarr"),
+                  "latents": str(root / "latents.zarr"), "fae_run": str(root / "fae"),
+                  "decoder_run": str(root / "decoder"), "sit_run": str(root / "sit"),
+                  "samples": str(root / "samples"), "metrics": str(root / "metrics")},
+        "data": {"root": str(root / "images"), "demo": True, "demo_classes": 3, "demo_per_class": 12,
+                 "demo_size": 64, "image_size": 64, "holdout_fraction": 0.25, "decode_workers": 0},
+        "encoder": {"name": "vit_small_patch14_dinov2", "weights": "random", "input_size": 112,
+                    "precision": "bf16", "batch_size": 16, "device": "cpu"},
+        "extract": {"shards": 1, "shard_samples": 16, "chunk_samples": 8},
+        "fae": {"model": "fae_tiny", "steps": 12, "batch_size": 12, "lr": 2e-3, "warmup": 2,
+                "checkpoint_every": 12, "eval_every": 12, "precision": "no"},
+        "decoder": {"steps": 12, "batch_size": 6, "lr": 2e-3, "warmup": 2, "lpips_backbone": "random",
+                    "lpips_weight": 0.1, "gan_start": 1000, "discriminator": "patchgan_tiny",
+                    "checkpoint_every": 12, "eval_every": 12, "eval_images": 4, "precision": "no"},
+        "encode": {"shards": 1, "batch_size": 32, "device": "cpu"},
+        "sit": {"model": "sit_tiny", "steps": 12, "batch_size": 12, "lr": 1e-3, "ema_decay": 0.9,
+                "checkpoint_every": 12, "precision": "no", "memory_budget_gb": 1.0},
+        "sample": {"method": "euler", "steps": 5, "num_samples": 12, "batch_size": 12, "grid_per_class": 4,
+                   "guidance": [[0.0, 0.7, 1.5]], "device": "cpu"},
+        "evaluate": {"max_reference": 100, "batch_size": 16, "recon_images": 8, "knn_k": 3},
+        "probe": {"max_samples": 100, "iterations": 25, "holdout_fraction": 0.25},
+    }
+
+
+def build(root: Path) -> Path:
+    """Run every stage into ``root`` (once); return the config file path."""
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path = root / "tiny.yaml"
+    if (root / DONE).is_file():
+        return cfg_path
+    cfg_path.write_text(yaml.safe_dump(tiny_config(root)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the 2 shared cores stall badly when oversubscribed
+    try:
+        for stage in STAGES:
+            main([stage, "--config", str(cfg_path)])
+    finally:
+        torch.set_num_threads(threads)
+    (root / DONE).write_text("ok\n")
+    return cfg_path
+
+
+def session_pipeline(tmp_path_factory) -> Path:
+    """The shared build for this pytest session (its config file path)."""
+    return build(tmp_path_factory.getbasetemp() / "tiny_pipeline")
