@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +145,12 @@ def _create_store(path, kind: str, sample_shapes: dict[str, tuple[int, ...]], n:
             # every shard gets a file, even an all-zero one, so a missing file is a defect
             config={"write_empty_chunks": True},
         )
-    return group
+    # Consolidated metadata lets readers list the arrays without scanning the directory
+    # (which would warn about the non-zarr ``.fae`` folder). Array metadata never changes
+    # after creation and root attrs live outside the consolidated part, so it never goes stale.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        return zarr.consolidate_metadata(str(path))
 
 
 def create_feature_store(path, n: int, views: int, tokens: int, dim: int, grid, shard_samples: int,

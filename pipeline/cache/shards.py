@@ -109,7 +109,8 @@ def write_shard(group: zarr.Group, store_path, shard_index: int, start: int, sto
         want = (stop - start, *arr.shape[1:])
         if tuple(arrays[name].shape) != want:
             raise RuntimeError(f"shard task returned {name} of shape {arrays[name].shape}, expected {want}")
-        arr[start:stop] = np.asarray(arrays[name], dtype=arr.dtype)
+        # write_empty_chunks is runtime config (not stored): keep all-zero shards as files too
+        arr.with_config({"write_empty_chunks": True})[start:stop] = np.asarray(arrays[name], dtype=arr.dtype)
     extras = dict(extras)
     failures = list(extras.pop("failures", []))
     valid = arrays.get(schema.VALID)
@@ -188,17 +189,19 @@ def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *
     pending = [i for unit in todo for i in unit]
     total = sum(plan.bounds(i)[1] - plan.bounds(i)[0] for i in pending)
     bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, disable=total == 0)
-    if not pending:
-        seconds = 0.0
-    elif scheduler or workers:
-        seconds = _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, threads, bar)
-    else:
-        prepared_task(task, threads, 0)  # model build is not part of the throughput
-        t0 = time.perf_counter()
-        for unit in todo:
-            run_unit(task, path, unit, plan, config_hash, threads, 0, progress=bar.update)
-        seconds = time.perf_counter() - t0
-    bar.close()
+    try:
+        if not pending:
+            seconds = 0.0
+        elif scheduler or workers:
+            seconds = _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, threads, bar)
+        else:
+            prepared_task(task, threads, 0)  # model build is not part of the throughput
+            t0 = time.perf_counter()
+            for unit in todo:
+                run_unit(task, path, unit, plan, config_hash, threads, 0, progress=bar.update)
+            seconds = time.perf_counter() - t0
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts on its own line
     records = {}
     for i in range(plan.num_shards):
         rec = read_record(path, i)

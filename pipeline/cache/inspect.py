@@ -1,0 +1,190 @@
+"""``fae-pipe inspect`` / ``verify``: read a cache store the way a user or a CI job would.
+
+``inspect_store`` summarises layout, attrs, completeness and (for latents) the channel
+statistics without reading sample data. ``verify_store`` reads every storage shard
+once and returns one line per defect, so a damaged or unfinished store is caught
+before training silently learns from zero rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fae_pipe.cache import schema
+from fae_pipe.cache.bookkeeping import read_record
+
+_LONG_ATTRS = (schema.A_CLASSES, schema.A_FAILURES, schema.A_CHANNEL_MEAN, schema.A_CHANNEL_STD)
+
+
+def _compact(value, limit: int = 160) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _codecs(arr) -> str:
+    names = [type(c).__name__.replace("Codec", "").lower() + (f"({c.level})" if hasattr(c, "level") else "")
+             for c in arr.compressors]
+    return ",".join(names) or "none"
+
+
+def _stats_lines(attrs) -> list[str]:
+    mean = np.asarray(attrs.get(schema.A_CHANNEL_MEAN, []), dtype=np.float64)
+    std = np.asarray(attrs.get(schema.A_CHANNEL_STD, []), dtype=np.float64)
+    if not mean.size or mean.shape != std.shape:
+        return ["channel statistics: missing (channel_mean/channel_std not in attrs)"]
+    lines = [f"channel statistics ({mean.size} channels):"]
+    for c in range(mean.size):
+        lines.append(f"  channel {c:3d}: mean {mean[c]:+.5f}  std {std[c]:.5f}")
+    return lines
+
+
+def inspect_store(path) -> str:
+    """Human-readable summary: kind, version, attrs, completeness, arrays, statistics."""
+    group, kind = schema.open_store(path, "r")
+    attrs = dict(group.attrs)
+    shards = schema.store_num_shards(group)
+    config_hash = attrs.get(schema.A_CONFIG_HASH)
+    done = sum(1 for i in range(shards) if (read_record(path, i) or {}).get("config_hash") == config_hash)
+    lines = [
+        f"store: {Path(path).resolve()}",
+        f"kind: {kind}  schema_version: {attrs.get(schema.A_SCHEMA_VERSION)}  "
+        f"created_with: {attrs.get(schema.A_CREATED_WITH)}",
+        f"complete: {bool(attrs.get(schema.A_COMPLETE))}  ({done} of {shards} shards have completion records)",
+        "attrs:",
+    ]
+    for key in sorted(attrs):
+        value = attrs[key]
+        if key in _LONG_ATTRS and isinstance(value, list):
+            lines.append(f"  {key}: [{len(value)} items] {_compact(value[:4], 100)}")
+        else:
+            lines.append(f"  {key}: {_compact(value)}")
+    lines.append("arrays:")
+    for name in schema.sample_array_names(group):
+        arr = group[name]
+        lines.append(f"  {name}: shape {tuple(arr.shape)} {arr.dtype} chunks {tuple(arr.chunks)} "
+                     f"shards {tuple(arr.shards or arr.chunks)} dims {tuple(arr.metadata.dimension_names or ())} "
+                     f"compressors {_codecs(arr)}")
+    data_bytes = sum(p.stat().st_size for p in Path(path).rglob("*")
+                     if p.is_file() and schema.BOOKKEEPING_DIR not in p.relative_to(path).parts)
+    n = int(attrs[schema.A_NUM_SAMPLES])
+    lines.append(f"stored: {data_bytes / 2**20:.2f} MiB ({data_bytes / max(1, n):.0f} bytes/sample), "
+                 f"failures recorded: {len(attrs.get(schema.A_FAILURES, []))}")
+    if kind == schema.KIND_LATENTS:
+        lines.extend(_stats_lines(attrs))
+    return "\n".join(lines)
+
+
+def _load_index(path, attrs, index_path):
+    """The dataset index to compare against, or a defect line saying why it is not checked."""
+    from fae_pipe.data.index import read_index
+    from fae_pipe.errors import UserError
+
+    where = index_path or attrs.get(schema.A_INDEX_PATH)
+    if not where:
+        return None, "index: no index_path in attrs; labels and sample_ids not checked (pass --index)"
+    try:
+        index = read_index(where)
+    except UserError as e:
+        return None, f"index: {e}; labels and sample_ids not checked (pass --index)"
+    fp = attrs.get(schema.A_DATASET_FINGERPRINT)
+    if fp != index.fingerprint:
+        return index, (f"index {where}: dataset fingerprint {index.fingerprint[:12]} differs from the store's "
+                       f"{str(fp)[:12]}")
+    return index, None
+
+
+def _check_shard(path, group, i: int, start: int, stop: int, config_hash, index, failed: set | None) -> list[str]:
+    """Defects of one storage shard; ``failed`` is the store's failed samples (None: use the record)."""
+    where = f"shard {i} (samples {start}..{stop - 1})"
+    out = []
+    rec = read_record(path, i)
+    if rec is None:
+        out.append(f"{where}: no completion record ({Path('.fae/done') / f'shard-{i:05d}.json'})")
+    elif rec.get("config_hash") != config_hash or (rec.get("start"), rec.get("stop")) != (start, stop):
+        out.append(f"{where}: completion record does not match the store (config_hash or sample range)")
+        rec = None
+    names = schema.sample_array_names(group)
+    missing = [n for n in names if not schema.shard_file(path, group, n, i).is_file()]
+    if missing:
+        return out + [f"{where}: shard file missing for {name} ({schema.shard_file(path, group, name, i)})"
+                      for name in missing]
+    try:
+        data = {name: group[name][start:stop] for name in names}
+    except Exception as e:  # a torn or foreign file: report it, keep checking other shards
+        return out + [f"{where}: unreadable: {type(e).__name__}: {e}"]
+    valid = data[schema.VALID].astype(bool)
+    for name in schema.FLOAT_ARRAYS:
+        if name in data:
+            rows = data[name][valid]
+            if not np.isfinite(rows).all():
+                out.append(f"{where}: {name} has non-finite values in valid rows")
+            if np.any(data[name][~valid]):
+                out.append(f"{where}: {name} has non-zero values in rows marked invalid")
+    invalid = {start + int(j) for j in np.flatnonzero(~valid)}
+    if failed is not None or rec is not None:
+        if failed is not None:
+            recorded = {s for s in failed if start <= s < stop}
+        else:
+            recorded = {int(f["sample"]) for f in rec.get("failures", [])}
+        if recorded != invalid:
+            out.append(f"{where}: valid=False rows {sorted(invalid)} differ from recorded failures {sorted(recorded)}")
+    if rec is not None:
+        if rec.get("samples") != stop - start or rec.get("valid") != int(valid.sum()):
+            out.append(f"{where}: record counts (samples {rec.get('samples')}, valid {rec.get('valid')}) differ "
+                       f"from the data ({stop - start}, {int(valid.sum())})")
+    if index is not None:
+        ids, labels = data[schema.SAMPLE_IDS], data[schema.LABELS]
+        if stop > len(index) or not np.array_equal(ids, index.ids[start:stop]):
+            out.append(f"{where}: sample_ids differ from the index rows {start}..{stop - 1}")
+        elif not np.array_equal(labels, index.labels[ids]):
+            bad = int(np.sum(labels != index.labels[ids]))
+            out.append(f"{where}: {bad} label(s) differ from the index")
+    return out
+
+
+def verify_store(path, index_path=None) -> list[str]:
+    """Check every shard end to end; returns defect lines (empty when the store is sound)."""
+    group, kind = schema.open_store(path, "r")
+    attrs = dict(group.attrs)
+    defects = []
+    config_hash = attrs.get(schema.A_CONFIG_HASH)
+    if not config_hash:
+        defects.append("attrs: no config_hash (store creation was interrupted); re-run with --overwrite")
+    if attrs.get(schema.A_COMPLETE) is not True:
+        defects.append("attrs: complete is not true (the writing run did not finish)")
+    n, size = int(attrs[schema.A_NUM_SAMPLES]), int(attrs[schema.A_SHARD_SAMPLES])
+    for name in schema.sample_array_names(group):
+        arr = group[name]
+        if arr.shape[0] != n or (arr.shards or arr.chunks)[0] != size:
+            defects.append(f"array {name}: shape {arr.shape} / shards {arr.shards} disagree with "
+                           f"num_samples {n} / shard_samples {size}")
+    required = {schema.LABELS, schema.SAMPLE_IDS, schema.VALID,
+                schema.FEATURES if kind == schema.KIND_FEATURES else schema.LATENTS}
+    absent = sorted(required - set(schema.sample_array_names(group)))
+    if absent:
+        return defects + [f"arrays missing: {', '.join(absent)}"]
+    index, index_defect = _load_index(path, attrs, index_path)
+    if index_defect:
+        defects.append(index_defect)
+    complete = attrs.get(schema.A_COMPLETE) is True
+    # a finished store's attrs list every failed sample (latent stores inherit it from their source)
+    failed = {int(f["sample"]) for f in attrs.get(schema.A_FAILURES, [])} if complete else None
+    recorded = []
+    for i in range(schema.num_shards(n, size)):
+        start, stop = schema.shard_bounds(n, size, i)
+        defects.extend(_check_shard(path, group, i, start, stop, config_hash, index, failed))
+        recorded.extend((read_record(path, i) or {}).get("failures", []))
+    if kind == schema.KIND_FEATURES and complete and attrs.get(schema.A_FAILURES, []) != recorded:
+        defects.append("attrs: failures list differs from the shards' completion records")
+    if kind == schema.KIND_LATENTS:
+        channels = group[schema.LATENTS].shape[2]
+        mean = np.asarray(attrs.get(schema.A_CHANNEL_MEAN, []), dtype=np.float64)
+        std = np.asarray(attrs.get(schema.A_CHANNEL_STD, []), dtype=np.float64)
+        if mean.shape != (channels,) or std.shape != (channels,):
+            defects.append(f"attrs: channel_mean/channel_std missing or not {channels} values")
+        elif not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            defects.append("attrs: channel_mean/channel_std not finite or std not positive")
+    return defects

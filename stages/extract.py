@@ -1,0 +1,221 @@
+"""``fae-pipe extract``: frozen DINOv2 patch (+cls) tokens of every index sample into features.zarr.
+
+The store layout is ``fae_pipe.cache.schema``; lock, resume, work units and dask come
+from ``fae_pipe.cache.shards``. This module only supplies the shard task: decode and
+preprocess images in background threads (so decoding overlaps the encoder forward),
+batch ``encoder.batch_size`` images (all their views in one forward), cast to float16.
+Batches are cut from the storage shard's own start, so the bits written never depend
+on ``--shards`` or ``--workers``. Unreadable images become zero rows with
+``valid = False`` and a recorded (file, reason), or a UserError with ``on_error=fail``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from fae_pipe import __version__
+from fae_pipe.cache import schema
+from fae_pipe.cache.bookkeeping import StoreLock
+from fae_pipe.cache.shards import ShardPlan, run_shards
+from fae_pipe.cache.store_writer import finalize, mark_incomplete, open_or_create
+from fae_pipe.config import Config
+from fae_pipe.errors import UserError
+
+def build_encoder_from(spec: dict):
+    """Build the frozen encoder of ``spec`` (random weights are seeded by the encoder module)."""
+    from fae_pipe.encoders.dinov2 import build_encoder
+
+    return build_encoder(spec["name"], spec["weights"], spec["input_size"], spec["device"], spec["precision"])
+
+
+class FeatureExtractTask:
+    """Shard task for ``run_shards``: image decode -> encoder -> float16 tokens, per storage shard."""
+
+    def __init__(self, index_path: str, encoder_spec: dict, image_size: int, views: list[str],
+                 batch_size: int, decode_workers: int, on_error: str):
+        self.index_path = index_path
+        self.spec = dict(encoder_spec)
+        self.image_size = image_size
+        self.views = list(views)
+        self.batch_size = batch_size
+        self.decode_workers = decode_workers
+        self.on_error = on_error
+        self.cache_key = "extract:" + json.dumps([index_path, self.spec], sort_keys=True)
+        self.encoder = None
+        self.index = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["encoder"] = state["index"] = None  # workers build their own
+        return state
+
+    def adopt(self, encoder) -> None:
+        """Reuse an encoder the coordinator already built (in-process runs build it once)."""
+        self.encoder = encoder
+
+    def setup(self) -> None:
+        from fae_pipe.data.index import read_index
+
+        self.index = read_index(self.index_path)
+        if self.encoder is None:
+            self.encoder = build_encoder_from(self.spec)
+
+    def _load(self, i: int):
+        """Decode + crop + views + encoder preprocessing of sample ``i`` (runs in a thread)."""
+        from fae_pipe.data.transforms import ImageDecodeError, encoder_input, load_pixels
+
+        try:
+            pixels = load_pixels(self.index.abspath(i), self.image_size, self.views)
+        except ImageDecodeError as e:
+            return e
+        return encoder_input(pixels, self.spec["input_size"])
+
+    def _prefetched(self, indices: range):
+        """Yield ``(i, tensor or ImageDecodeError)`` in order, decoding up to two batches ahead."""
+        if self.decode_workers == 0:
+            for i in indices:
+                yield i, self._load(i)
+            return
+        window = 2 * self.batch_size
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
+            pending = {}
+            upcoming = iter(indices)
+            for i in upcoming:
+                pending[i] = pool.submit(self._load, i)
+                if len(pending) >= window:
+                    break
+            for i in indices:
+                result = pending.pop(i).result()
+                nxt = next(upcoming, None)
+                if nxt is not None:
+                    pending[nxt] = pool.submit(self._load, nxt)
+                yield i, result
+
+    def compute(self, shard_index, start, stop, progress=None):
+        import torch
+
+        from fae_pipe.data.transforms import ImageDecodeError
+
+        enc, n, v = self.encoder, stop - start, len(self.views)
+        tokens = int(enc.grid[0]) * int(enc.grid[1])
+        feats = np.zeros((n, v, tokens, enc.dim), np.float16)
+        cls = np.zeros((n, v, enc.dim), np.float16)
+        valid = np.ones(n, bool)
+        failures = []
+        stream = self._prefetched(range(start, stop))
+        for b0 in range(start, stop, self.batch_size):
+            rows, inputs = [], []
+            for i, item in (next(stream) for _ in range(b0, min(stop, b0 + self.batch_size))):
+                if isinstance(item, ImageDecodeError):
+                    rel = self.index.paths[i]
+                    if self.on_error == "fail":
+                        raise UserError(f"cannot decode image {self.index.abspath(i)}: {item.reason} "
+                                        "(set data.on_error=skip to record it and continue)")
+                    valid[i - start] = False
+                    failures.append({"sample": i, "sample_id": int(self.index.ids[i]), "file": rel,
+                                     "reason": item.reason})
+                else:
+                    rows.append(i - start)
+                    inputs.append(item)
+            if inputs:
+                with torch.inference_mode():
+                    patch, cls_tok = enc.encode(torch.cat(inputs))
+                feats[rows] = patch.float().cpu().numpy().reshape(len(rows), v, tokens, enc.dim).astype(np.float16)
+                cls[rows] = cls_tok.float().cpu().numpy().reshape(len(rows), v, enc.dim).astype(np.float16)
+            if progress is not None:
+                progress(min(stop, b0 + self.batch_size) - b0)
+        arrays = {schema.FEATURES: feats, schema.CLS: cls, schema.VALID: valid,
+                  schema.LABELS: self.index.labels[start:stop].copy(),
+                  schema.SAMPLE_IDS: self.index.ids[start:stop].copy()}
+        return arrays, {"failures": failures}
+
+
+def store_attrs(cfg: Config, enc, index, n: int) -> dict:
+    """Group attrs saying how the features were made (see docs/cache.md)."""
+    from fae_pipe.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    return {
+        schema.A_ENCODER: {
+            "name": cfg.encoder.name, "weights": cfg.encoder.weights,
+            "weights_fingerprint": enc.weights_fingerprint, "random_weights": bool(enc.random_weights),
+            "input_size": cfg.encoder.input_size, "precision": cfg.encoder.precision,
+            "num_prefix_tokens": int(enc.num_prefix_tokens), "batch_size": cfg.encoder.batch_size,
+        },
+        schema.A_IMAGE_SIZE: cfg.data.image_size, schema.A_CROP: schema.CROP_POLICY,
+        schema.A_RESIZE: schema.RESIZE_POLICY,
+        schema.A_NORMALIZATION: {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        schema.A_VIEWS: list(cfg.data.views), schema.A_NUM_CLASSES: index.num_classes,
+        schema.A_CLASSES: list(index.classes), schema.A_DATASET_FINGERPRINT: index.fingerprint,
+        schema.A_INDEX_PATH: cfg.paths.index, schema.A_NUM_SAMPLES: n,
+    }
+
+
+def content_hash(attrs: dict, shard_samples: int, chunk_samples: int) -> str:
+    """sha256 of everything that determines the stored bits (not shards/workers/threads/device)."""
+    keys = (schema.A_ENCODER, schema.A_IMAGE_SIZE, schema.A_CROP, schema.A_RESIZE, schema.A_NORMALIZATION,
+            schema.A_VIEWS, schema.A_DATASET_FINGERPRINT, schema.A_NUM_SAMPLES)
+    payload = {k: attrs[k] for k in keys}
+    payload.update({"schema_version": schema.SCHEMA_VERSION, "kind": schema.KIND_FEATURES,
+                    "shard_samples": shard_samples, "chunk_samples": chunk_samples})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def extract_features(cfg: Config, store_path: str, overwrite: bool = False, limit: int | None = None):
+    """Extract (or resume) into ``store_path``; ``limit`` keeps the first N samples (benchmarks)."""
+    with StoreLock(store_path):  # first, so a second writer is refused before any model is built
+        return _extract_locked(cfg, store_path, overwrite, limit)
+
+
+def _extract_locked(cfg: Config, store_path: str, overwrite: bool, limit: int | None):
+    from fae_pipe.data.index import read_index
+
+    index = read_index(cfg.paths.index)
+    n = len(index) if limit is None else min(limit, len(index))
+    spec = {"name": cfg.encoder.name, "weights": cfg.encoder.weights, "input_size": cfg.encoder.input_size,
+            "device": cfg.encoder.device, "precision": cfg.encoder.precision}
+    enc = build_encoder_from(spec)
+    if enc.random_weights:
+        print(f"WARNING: encoder {cfg.encoder.name} has RANDOM weights (encoder.weights={cfg.encoder.weights!r}): "
+              "the features are meaningless except for tests and the offline demo", file=sys.stderr)
+    shard_samples = cfg.extract.shard_samples
+    chunk = schema.effective_chunk_samples(cfg.extract.chunk_samples, shard_samples)
+    attrs = store_attrs(cfg, enc, index, n)
+    config_hash = content_hash(attrs, shard_samples, chunk)
+    grid, dim = (int(enc.grid[0]), int(enc.grid[1])), int(enc.dim)
+
+    def create():
+        return schema.create_feature_store(store_path, n, len(cfg.data.views), grid[0] * grid[1], dim, grid,
+                                           shard_samples, chunk, attrs)
+
+    task = FeatureExtractTask(str(Path(cfg.paths.index).resolve()), spec, cfg.data.image_size, cfg.data.views,
+                              cfg.encoder.batch_size, cfg.data.decode_workers, cfg.data.on_error)
+    if not (cfg.extract.scheduler or cfg.extract.workers):
+        task.adopt(enc)  # in-process: the coordinator's encoder is the worker's; dask workers build their own
+    del enc
+    group, _ = open_or_create(store_path, config_hash, create, overwrite)
+    mark_incomplete(group)
+    result = run_shards(store_path, task, ShardPlan(n, shard_samples), config_hash,
+                        units=cfg.extract.shards, workers=cfg.extract.workers,
+                        scheduler=cfg.extract.scheduler, threads=cfg.extract.threads, desc="extract")
+    if not result.complete:
+        missing = sorted(set(range(result.shards_total)) - set(result.records))
+        raise UserError(f"extract: shards {missing} of {store_path} have no completion record; "
+                        "re-run `fae-pipe extract` to finish them")
+    finalize(group, result.failures(), {schema.A_CREATED_WITH: f"fae-pipe {__version__}"})
+    return result
+
+
+def run(cfg: Config, overwrite: bool = False) -> None:
+    result = extract_features(cfg, cfg.paths.features, overwrite=overwrite)
+    failed = result.failures()
+    if failed:
+        shown = "; ".join(f"{f['file']} ({f['reason']})" for f in failed[:3])
+        print(f"WARNING: {len(failed)} image(s) could not be decoded and are stored as invalid rows: {shown}"
+              f"{' ...' if len(failed) > 3 else ''}", file=sys.stderr)
+    print(result.summary("extract"))
