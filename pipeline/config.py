@@ -55,6 +55,8 @@ class Data:
     views: list = F(["orig", "flip"], "views cached per sample (orig, flip)", choices=["orig", "flip"])
     holdout_fraction: float = F(0.01, "fraction of samples in the held-out split", min=0.0, max=0.5)
     on_error: str = F("skip", "unreadable images: skip (recorded) or fail", choices=["skip", "fail"])
+    check: str = F("auto", "prepare's image check: header (cheap), full (decode every image), "
+                   "auto (full for the demo set, header otherwise)", choices=["auto", "header", "full"])
     decode_workers: int = F(4, "background threads decoding and preprocessing images", min=0)
 
 

@@ -29,7 +29,8 @@ def run(cfg) -> None:
         state = "already present" if present else "written"
         click.echo(f"prepare: demo set {state} in {root} ({d.demo_classes} classes x {d.demo_per_class} images, "
                    f"{d.demo_size} px)")
-    index = scan_folder(d.root, d.holdout_fraction, d.seed, d.on_error, check="full" if d.demo else "header",
+    check = d.check if d.check != "auto" else ("full" if d.demo else "header")
+    index = scan_folder(d.root, d.holdout_fraction, d.seed, d.on_error, check=check,
                         workers=d.decode_workers, progress=True)
     write_index(index, cfg.paths.index)
     for failure in index.failures[:MAX_LISTED_FAILURES]:
