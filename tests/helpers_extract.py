@@ -83,3 +83,84 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     errors = [ln for ln in lines if ln.startswith("fae-pipe: error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     return errors[0]
+
+
+class SyntheticTask:
+    """A model-free shard task (what ``encode`` plugs in is just another task like this).
+
+    Values are a pure function of the sample position; ``zero_shards`` are written as all
+    zeros (including labels), ``failed`` samples come back invalid with a failure record.
+    """
+
+    def __init__(self, kind: str = "features", failed=(), zero_shards=(), store_std: bool = False, shape=(2, 4, 3)):
+        import uuid
+
+        self.cache_key = f"synthetic:{uuid.uuid4().hex}"
+        self.kind, self.failed, self.zero_shards = kind, set(failed), set(zero_shards)
+        self.store_std, self.shape = store_std, shape
+        self.setups, self.calls = 0, []
+
+    def setup(self) -> None:
+        self.setups += 1
+
+    def compute(self, shard_index, start, stop, progress=None):
+        self.calls.append(shard_index)
+        rows = np.arange(start, stop)
+        base = np.ones((stop - start, *self.shape), np.float32) * (rows.reshape(-1, *[1] * len(self.shape)) + 1)
+        valid = np.array([i not in self.failed for i in rows])
+        if shard_index in self.zero_shards:
+            base[:] = 0
+        base[~valid] = 0
+        values = (base / 7).astype(np.float16)
+        arrays = {"labels": np.where(shard_index in self.zero_shards, 0, rows % 3).astype(np.int64),
+                  "sample_ids": rows.astype(np.int64), "valid": valid}
+        if self.kind == "features":
+            arrays["features"], arrays["cls"] = values, values[:, :, 0]
+        else:
+            arrays["latents"] = values
+            if self.store_std:
+                arrays["std"] = np.abs(values)
+        failures = [{"sample": int(i), "sample_id": int(i), "file": f"img{i}.png", "reason": "synthetic"}
+                    for i in rows if i in self.failed]
+        if progress is not None:
+            progress(stop - start)
+        return arrays, {"failures": failures, "total": float(values.astype(np.float64).sum())}
+
+
+def synthetic_store(path, n: int = 20, kind: str = "features", task=None, config_hash: str = "hash-a",
+                    units: int = 2, store_std: bool = False, fingerprint: str = ""):
+    """Create and fill a small store through the real lock/create/run/finalize path."""
+    from fae_pipe.cache import schema
+    from fae_pipe.cache.bookkeeping import StoreLock
+    from fae_pipe.cache.shards import ShardPlan, run_shards
+    from fae_pipe.cache.store_writer import finalize, mark_incomplete, open_or_create
+
+    task = task or SyntheticTask(kind, store_std=store_std, shape=(2, 4, 3) if kind == "features" else (2, 4, 3, 1))
+    attrs = {schema.A_INDEX_PATH: str(Path(path).parent / "index.json"), schema.A_DATASET_FINGERPRINT: fingerprint,
+             schema.A_VIEWS: ["orig", "flip"]}
+
+    def create():
+        if kind == "features":
+            return schema.create_feature_store(path, n, 2, 4, 3, (2, 2), 8, 4, attrs)
+        return schema.create_latent_store(path, n, 2, 4, (3, 1), 8, 4, attrs, store_std=store_std)
+
+    with StoreLock(path):
+        group, resumed = open_or_create(path, config_hash, create, overwrite=False)
+        mark_incomplete(group)
+        result = run_shards(path, task, ShardPlan(n, 8), config_hash, units=units)
+        extra = {}
+        if kind == "latents":
+            extra = {schema.A_CHANNEL_MEAN: [0.1, 0.2, 0.3, 0.4], schema.A_CHANNEL_STD: [1.0, 1.5, 2.0, 2.5]}
+        if result.complete:
+            finalize(group, result.failures(), extra)
+    return group, result, task
+
+
+def write_synthetic_index(path, n: int = 20):
+    """An index whose labels match ``SyntheticTask`` (row % 3); returns its fingerprint."""
+    from fae_pipe.data.index import DatasetIndex, write_index
+
+    index = DatasetIndex(root="images", classes=["a", "b", "c"], paths=[f"img{i}.png" for i in range(n)],
+                         labels=np.arange(n) % 3)
+    write_index(index, path)
+    return index.fingerprint

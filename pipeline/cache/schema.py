@@ -150,6 +150,8 @@ def _create_store(path, kind: str, sample_shapes: dict[str, tuple[int, ...]], n:
     # after creation and root attrs live outside the consolidated part, so it never goes stale.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        warnings.filterwarnings("ignore", message=f"Object at {BOOKKEEPING_DIR} is not recognized",
+                                category=UserWarning)
         return zarr.consolidate_metadata(str(path))
 
 
