@@ -16,10 +16,7 @@ Artefacts (rank 0): ``<run>/loss.csv`` (per step), ``<run>/checkpoints/`` (every
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,12 +34,12 @@ from fae_pipe.training.finite import check_finite_weights
 from fae_pipe.training.fresh import clear_checkpoints
 from fae_pipe.training.guard import check_finite
 from fae_pipe.training.logs import StepLog, write_metrics
+from fae_pipe.training.run_records import clear_rank_records, final_loss, write_rank_record
 from fae_pipe.training.schedule import make_scheduler
 from fae_pipe.training.sit_export import save_sit_export
 from fae_pipe.transport import shift_factor, training_loss
 
 LOG_FIELDS = ["loss", "lr", "grad_norm", "epoch", "samples_per_s"]
-FINAL_LOSS_WINDOW = 100  # sit.json reports the mean loss of the last this-many steps
 
 
 def micro_batch_size(global_batch: int, world_size: int, grad_accum: int) -> int:
@@ -70,44 +67,38 @@ def run(cfg, resume: str | None = None) -> dict:
                           num_classes=info.num_classes)
     torch.manual_seed(s.seed)
     model = create_model(s.model, **kwargs)
-    ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.999), weight_decay=s.weight_decay)
     sched = make_scheduler(opt, s.warmup, s.steps, "constant")
-
     ckpt = _start_or_resume(run_dir, resume, cfg, info, kwargs, world, micro, main)
-    start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
         sched.load_state_dict(ckpt["scheduler"])
         restore_rng(ckpt["rng"])
-        start = int(ckpt["step"])
+    ema = EMA(model, s.ema_decay) if s.ema_decay > 0 else None  # from the resumed weights if none was saved
+    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"])
     model, opt = acc.prepare(model, opt)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
     if ema is not None:
         ema.model.to(acc.device)
-
+    start = int(ckpt["step"]) if ckpt else 0
     shift = shift_factor(s.shift_mode, s.shift, latent_dim=c * h * w, base_dim=s.shift_base_dim)
+    extra = {"latent_stats": info.stats(), "fae_fingerprint": info.fae_fingerprint, "model_name": s.model,
+             "model_kwargs": kwargs, "world_size": world, "micro_batch": micro, "train_seconds": 0.0}
+    base_seconds = float(ckpt["extra"].get("train_seconds", 0.0)) if ckpt else 0.0
     log = StepLog(run_dir / "loss.csv", LOG_FIELDS, resume_step=start if ckpt else None,
                   tensorboard_dir=run_dir / "tensorboard") if main else None
-    batches = data.from_step(start * s.grad_accum, acc.device)
-    extra = {"latent_stats": info.stats(), "fae_fingerprint": info.fae_fingerprint, "model_name": s.model,
-             "model_kwargs": kwargs, "world_size": world, "micro_batch": micro,
-             "train_seconds": 0.0}
-    base_seconds = float(ckpt["extra"].get("train_seconds", 0.0)) if ckpt else 0.0
     if main:
+        clear_rank_records(run_dir)
         print(f"train-sit: {s.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
               f"{c}x{h}x{w} latents from {info.path} ({'in RAM' if data.loader.in_ram else 'streaming'}); "
               f"world size {world}, global batch {s.batch_size} = {world} x {s.grad_accum} x {micro}; "
               f"steps {start}->{s.steps}", flush=True)
-
-    if main:
-        for stale in (run_dir / "ranks").glob("rank-*.json"):
-            stale.unlink()
     acc.wait_for_everyone()
+
     model.train()
+    batches = data.from_step(start * s.grad_accum, acc.device)
     step, samples, t_start = start, 0, time.perf_counter()
     bar = tqdm(total=s.steps, initial=start, disable=not main, desc="train-sit", unit="step", dynamic_ncols=True)
     while step < s.steps:
@@ -124,7 +115,7 @@ def run(cfg, resume: str | None = None) -> dict:
             total += out.loss.detach()
             samples += x.shape[0]
         loss = acc.reduce(total / s.grad_accum, "mean")
-        check_finite(loss, step + 1, "train-sit", run_dir, acc)
+        check_finite(loss, step + 1, "train-sit", run_dir, acc)  # before the update: weights stay good
         grad_norm = acc.clip_grad_norm_(model.parameters(), s.grad_clip) if s.grad_clip > 0 else None
         lr = sched.get_last_lr()[0]
         opt.step()
@@ -144,26 +135,15 @@ def run(cfg, resume: str | None = None) -> dict:
             _save(acc, run_dir, step, model, ema, opt, sched, cfg, extra, s.keep_last)
     bar.close()
     wall = time.perf_counter() - t_start
-    unwrapped = acc.unwrap_model(model)
-    _write_rank_record(run_dir, rank, world, step, samples, unwrapped)
+    write_rank_record(run_dir, rank, world, step, samples, acc.unwrap_model(model))
+    if main:
+        log.close()
     acc.wait_for_everyone()
     summary = {"steps": s.steps, "start_step": start, "world_size": world, "global_batch": s.batch_size,
                "wall_time_s": round(wall, 3), "steps_per_s": round((step - start) / max(wall, 1e-9), 4),
                "samples_per_s": round((step - start) * s.batch_size / max(wall, 1e-9), 2)}
     if main:
-        log.close()
-        summary.update(_final_loss(run_dir / "loss.csv"))
-        save_sit_export(run_dir / "sit.pt", model_name=s.model, model_kwargs=kwargs,
-                        state_dict=_cpu_state(unwrapped), ema_state_dict=None if ema is None else _cpu_state(ema.model),
-                        latent_stats=info.stats(), fae_fingerprint=info.fae_fingerprint,
-                        num_classes=info.num_classes, latent_shape=list(info.shape),
-                        transport={"shift_mode": s.shift_mode, "shift": s.shift, "shift_base_dim": s.shift_base_dim,
-                                   "shift_factor": shift, "time_dist": s.time_dist, "null_class": info.num_classes},
-                        config=cfg.to_dict(), step=step)
-        write_metrics(Path(cfg.paths.metrics) / "sit.json", summary)
-        print(f"train-sit: steps {start}->{step} in {wall:.1f} s ({summary['steps_per_s']:.2f} steps/s, "
-              f"{summary['samples_per_s']:.0f} samples/s), world size {world}, final loss "
-              f"{summary.get('final_loss', float('nan')):.4f} -> {run_dir / 'sit.pt'}", flush=True)
+        _export(cfg, run_dir, acc.unwrap_model(model), ema, kwargs, info, shift, step, summary)
     acc.wait_for_everyone()
     return summary
 
@@ -187,9 +167,13 @@ def _start_or_resume(run_dir, resume, cfg, info, kwargs, world, micro, main) -> 
         if main:
             clear_checkpoints(run_dir, "train-sit")
         return None
+    extra = ckpt.get("extra") or {}
     if main:
         print(f"train-sit: resuming from {path} (step {ckpt['step']})", file=sys.stderr)
-    _note_split_change(ckpt.get("extra") or {}, world, micro, main)
+        if (extra.get("world_size"), extra.get("micro_batch")) != (world, micro):
+            print(f"train-sit: note: checkpoint ran {extra.get('world_size')} process(es) x "
+                  f"{extra.get('micro_batch')} samples, now {world} x {micro}: the data order differs from an "
+                  f"uninterrupted run", file=sys.stderr)
     return ckpt
 
 
@@ -202,12 +186,6 @@ def _incompatibility(ckpt, path, info, name, kwargs) -> str | None:
         return (f"checkpoint '{path}' was trained on latents with other statistics or FAE "
                 f"({(extra.get('latent_stats') or {}).get('fae_fingerprint')}); use the same latent store")
     return None
-
-
-def _note_split_change(extra: dict, world: int, micro: int, main: bool) -> None:
-    if main and (extra.get("world_size"), extra.get("micro_batch")) != (world, micro):
-        print(f"train-sit: note: checkpoint ran {extra.get('world_size')} process(es) x {extra.get('micro_batch')}"
-              f" samples, now {world} x {micro}: the data order differs from an uninterrupted run", flush=True)
 
 
 def _cpu_state(module: torch.nn.Module) -> dict:
@@ -225,25 +203,19 @@ def _save(acc, run_dir, step, model, ema, opt, sched, cfg, extra, keep_last) -> 
     acc.wait_for_everyone()
 
 
-def parameter_checksum(module: torch.nn.Module) -> str:
-    """sha256 over the parameters' bytes in state-dict order: equal iff the replicas agree bit for bit."""
-    h = hashlib.sha256()
-    for k, v in module.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _write_rank_record(run_dir: Path, rank: int, world: int, step: int, samples: int, module) -> None:
-    out = run_dir / "ranks"
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"rank": rank, "world_size": world, "step": step, "samples_this_run": samples,
-              "param_sha256": parameter_checksum(module)}
-    (out / f"rank-{rank}.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _final_loss(csv_path: Path) -> dict:
-    with open(csv_path, newline="") as fh:
-        losses = [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
-    tail = losses[-FINAL_LOSS_WINDOW:]
-    return {"final_loss": sum(tail) / len(tail), "final_loss_steps": len(tail)} if tail else {}
+def _export(cfg, run_dir: Path, model, ema, kwargs, info, shift: float, step: int, summary: dict) -> None:
+    """Rank 0: ``sit.pt`` for sampling, ``sit.json`` for DVC, and the closing summary line."""
+    s = cfg.sit
+    summary.update(final_loss(run_dir / "loss.csv"))
+    save_sit_export(run_dir / "sit.pt", model_name=s.model, model_kwargs=kwargs, state_dict=_cpu_state(model),
+                    ema_state_dict=None if ema is None else _cpu_state(ema.model),
+                    latent_stats=info.stats(), fae_fingerprint=info.fae_fingerprint,
+                    num_classes=info.num_classes, latent_shape=list(info.shape),
+                    transport={"shift_mode": s.shift_mode, "shift": s.shift, "shift_base_dim": s.shift_base_dim,
+                               "shift_factor": shift, "time_dist": s.time_dist, "null_class": info.num_classes},
+                    config=cfg.to_dict(), step=step)
+    write_metrics(Path(cfg.paths.metrics) / "sit.json", summary)
+    print(f"train-sit: steps {summary['start_step']}->{step} in {summary['wall_time_s']:.1f} s "
+          f"({summary['steps_per_s']:.2f} steps/s, {summary['samples_per_s']:.0f} samples/s), world size "
+          f"{summary['world_size']}, final loss {summary.get('final_loss', float('nan')):.4f} -> {run_dir / 'sit.pt'}",
+          flush=True)
