@@ -13,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import os
+
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -23,15 +26,27 @@ from fae_pipe.cache import schema
 from fae_pipe.data.index import DatasetIndex, stratified_holdout, write_index
 
 GRID, DIM, LATENT, IMAGE = 8, 384, 8, 64
+# One torch thread in and out of process: on the shared 2-core test machine two spinning
+# OpenMP threads per process made an AdamW step of 650k parameters 20x slower (measured).
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def hidden_fields(n: int, labels: np.ndarray, seed: int = 0) -> np.ndarray:
-    """(n, LATENT, GRID, GRID) smooth fields: a class pattern plus a per-sample low-frequency part."""
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run a test with one torch thread (restored afterwards); import it into a test module to use it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hidden_fields(n: int, labels: np.ndarray, seed: int = 0, grid: int = GRID) -> np.ndarray:
+    """(n, LATENT, grid, grid) smooth fields: a class pattern plus a per-sample low-frequency part."""
     g = torch.Generator().manual_seed(seed)
     classes = torch.randn(int(labels.max()) + 1, LATENT, 2, 2, generator=g)
     own = torch.randn(n, LATENT, 3, 3, generator=g)
-    z = F.interpolate(classes[torch.as_tensor(labels)], size=GRID, mode="bilinear", align_corners=True)
-    z = z + 0.7 * F.interpolate(own, size=GRID, mode="bilinear", align_corners=True)
+    z = F.interpolate(classes[torch.as_tensor(labels)], size=grid, mode="bilinear", align_corners=True)
+    z = z + 0.7 * F.interpolate(own, size=grid, mode="bilinear", align_corners=True)
     return z.numpy()
 
 
@@ -44,8 +59,13 @@ def paint(z: np.ndarray) -> np.ndarray:
     return (np.clip(img + tile, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8)
 
 
-def make_dataset(root: Path, classes: int = 4, per_class: int = 16, holdout_fraction: float = 0.25, seed: int = 0):
-    """Write PNGs + index.json under ``root``; return (index_path, index, fields)."""
+def make_dataset(root: Path, classes: int = 4, per_class: int = 16, holdout_fraction: float = 0.25, seed: int = 0,
+                 grid: int = GRID):
+    """Write PNGs + index.json under ``root``; return (index_path, index, fields on a ``grid`` x ``grid`` grid).
+
+    Images are painted from the 8x8 field; ``grid`` < 8 returns a coarser field for
+    feature-only tests (fewer tokens, faster steps), whose images are then unrelated.
+    """
     labels = np.repeat(np.arange(classes), per_class)
     z = hidden_fields(len(labels), labels, seed)
     paths = []
@@ -58,23 +78,25 @@ def make_dataset(root: Path, classes: int = 4, per_class: int = 16, holdout_frac
     holdout = stratified_holdout(paths, labels, holdout_fraction, seed)
     index = DatasetIndex(root=str(root / "images"), classes=[f"c{c}" for c in range(classes)], paths=paths,
                          labels=labels, sizes=sizes, holdout=holdout, seed=seed, holdout_fraction=holdout_fraction)
+    if grid != GRID:
+        z = hidden_fields(len(labels), labels, seed, grid)
     return write_index(index, root / "index.json"), index, z
 
 
 def features_of(z: np.ndarray, seed: int = 1) -> np.ndarray:
-    """(n, 2 views, 64 tokens, DIM) float16 features: a fixed linear map of each token's field."""
+    """(n, 2 views, tokens, DIM) float16 features: a fixed linear map of each token's field."""
     mix = np.random.default_rng(seed).standard_normal((LATENT, DIM)) / np.sqrt(LATENT)
     tokens = z.transpose(0, 2, 3, 1)  # n, h, w, c
-    views = np.stack([tokens, tokens[:, :, ::-1]], axis=1).reshape(z.shape[0], 2, GRID * GRID, LATENT)
+    views = np.stack([tokens, tokens[:, :, ::-1]], axis=1).reshape(z.shape[0], 2, -1, LATENT)
     return (views @ mix).astype(np.float16)
 
 
 def make_feature_store(path: Path, index, z: np.ndarray, shard_samples: int = 16, chunk_samples: int = 8):
     """A complete features.zarr for ``index`` (sample i = index row i)."""
-    n = len(index)
+    n, grid = len(index), z.shape[-1]
     feats = features_of(z)
     group = schema.create_feature_store(
-        path, n, 2, GRID * GRID, DIM, (GRID, GRID), shard_samples, chunk_samples,
+        path, n, 2, grid * grid, DIM, (grid, grid), shard_samples, chunk_samples,
         {schema.A_DATASET_FINGERPRINT: index.fingerprint, schema.A_VIEWS: ["orig", "flip"],
          schema.A_IMAGE_SIZE: IMAGE, schema.A_NUM_CLASSES: index.num_classes, schema.A_ENCODER: "synthetic"})
     group[schema.FEATURES][:] = feats
@@ -104,7 +126,8 @@ def write_config(path: Path, root: Path, **sections) -> Path:
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``fae-pipe`` in a subprocess exactly as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "fae_pipe.cli", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "fae_pipe.cli", *args], capture_output=True, text=True,
+                          env=dict(os.environ, **THREAD_ENV))
     if check and proc.returncode != 0:
         raise AssertionError(f"fae-pipe {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
