@@ -164,3 +164,37 @@ def test_grid_rows_follow_requested_classes():
     # row 0 shows class 2 (images 0 and 2), row 1 class 0 (images 1 and 3), in sample order
     right = grid[:, -(8 + 2):-2]
     assert right[2 + 4, 4, 0] == 20 and right[2 + 10 + 4, 4, 0] == 30
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_launch_matches_one_process(runs, tmp_path):
+    """A real `accelerate launch` with 2 CPU processes writes the same npz as a plain run."""
+    import os
+    import subprocess
+    import sys
+
+    root, _ = runs
+    one = tmp_path / "one"
+    one.mkdir()
+    sample_stage.run(make_cfg(root, one, num_samples=5, batch_size=2))
+    two = tmp_path / "two"
+    two.mkdir()
+    make_cfg(root, two, num_samples=5, batch_size=2)
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "fae_pipe.cli", "sample", "--config", str(two / "cfg.yaml")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    a, la = load_samples(one / "samples" / "samples.npz")
+    b, lb = load_samples(two / "samples" / "samples.npz")
+    assert np.array_equal(a, b) and np.array_equal(la, lb)
+    assert not (two / "samples" / ".parts").exists()
