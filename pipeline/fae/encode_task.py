@@ -29,7 +29,8 @@ class EncodeTask:
                  device: str, store_std: bool):
         self.fae_path, self.features_path = fae_path, features_path
         self.batch_size, self.device_name, self.store_std = batch_size, device, store_std
-        self.cache_key = f"encode:{fae_fingerprint}:{features_path}:{device}"
+        # the runner reuses a prepared task per process by this key: it must name every setting
+        self.cache_key = f"encode:{fae_fingerprint}:{features_path}:{device}:{batch_size}:{store_std}"
         self.fae = None
         self.group = None
 
