@@ -16,6 +16,7 @@ import zarr
 from fae_helpers import cli, make_dataset, make_feature_store, one_thread, write_config  # noqa: F401
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import record_path
+from fae_pipe.cache.inspect import inspect_store, verify_store
 from fae_pipe.config import load_config
 from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import FeatureAutoencoder, grid_to_tokens
@@ -94,6 +95,8 @@ def test_statistics_are_exact_and_travel_with_the_checkpoint(trained):
     assert group.attrs["fae_fingerprint"] == stats["fae_fingerprint"] == file_fingerprint(fae_path)
     assert group.attrs["source_features"]["config_hash"] == "synthetic-features-v1"
     assert group.attrs[schema.A_COMPLETE] is True and lat.shape == (64, 2, 8, 4, 4)
+    assert verify_store(root / "latents.zarr", cfg.paths.index) == []
+    assert "channel   7: mean" in inspect_store(root / "latents.zarr")
 
 
 def test_latents_decode_back_with_the_trained_cosine(trained):
