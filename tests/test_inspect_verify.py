@@ -34,7 +34,7 @@ def test_cli_inspect_and_verify_sound_store(store):
     out = shown.stdout
     assert "kind: features  schema_version: 1" in out and "complete: True  (3 of 3 shards" in out
     assert "features: shape (20, 2, 4, 3) float16 chunks (4, 2, 4, 3) shards (8, 2, 4, 3)" in out
-    assert "dims ('sample', 'view', 'token', 'channel') compressors zstd(1)" in out
+    assert "dims ('sample', 'view', 'token', 'channel') compressors none" in out
     assert "labels: shape (20,) int64" in out and "failures recorded: 1" in out
     ok = cli(store.parent, "verify", store.name)
     assert ok.returncode == 0 and f"verify: {store.name}: OK" in ok.stdout, ok.stdout + ok.stderr

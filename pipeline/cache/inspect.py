@@ -85,6 +85,12 @@ def _load_index(path, attrs, index_path):
     where = index_path or attrs.get(schema.A_INDEX_PATH)
     if not where:
         return None, "index: no index_path in attrs; labels and sample_ids not checked (pass --index)"
+    if not index_path and not Path(where).is_absolute() and not Path(where).exists():
+        # the recorded path is relative to the project that wrote the store: try its ancestors
+        for root in Path(path).resolve().parents:
+            if (root / where).is_file():
+                where = str(root / where)
+                break
     try:
         index = read_index(where)
     except UserError as e:
