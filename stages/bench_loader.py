@@ -11,8 +11,8 @@ the same latents (the configured ``paths.latents``), batch size ``sit.batch_size
 
 The loader runs in both modes (store held in RAM; streaming whole shards through the
 shuffle buffer) and as ``LatentBatches`` (normalised float32 torch tensors). Each
-measurement covers at least one epoch and ``MIN_SAMPLES`` samples, best of ``REPEATS``. Loader rates are
-steady state: opening the store and the first batch (which reads the whole store in
+measurement covers at least one epoch and ``MIN_SAMPLES`` samples, best of ``REPEATS``.
+Loader rates are steady state: opening the store and the first batch (which reads the whole store in
 RAM mode) are timed separately as "setup"; streaming re-reads every shard each
 epoch, so its steady state includes all its zarr reads. Targets (issue 4): loader >= 0.5x the in-RAM array and >= 5x
 per-sample files. Results also go to ``<metrics>/bench_loader.json``.
@@ -50,9 +50,9 @@ def _random_batches(n: int, views: int, batch: int, seed: int, total: int):
         yield idx, rng.integers(0, views, size=batch)
 
 
-def _rate(fn, n: int, views: int, batch: int, total: int) -> float:
+def _rate(fn, n: int, views: int, batch: int, total: int, repeats: int) -> float:
     best = 0.0
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start, served = time.perf_counter(), 0
         for idx, v in _random_batches(n, views, batch, 0, total):
             served += fn(idx, v).shape[0]
@@ -60,7 +60,7 @@ def _rate(fn, n: int, views: int, batch: int, total: int) -> float:
     return best
 
 
-def _loader_rate(make, total: int) -> tuple[float, str]:
+def _loader_rate(make, total: int, repeats: int) -> tuple[float, str]:
     """Steady-state samples/s over >= one epoch; construction and the first batch are the setup."""
     start = time.perf_counter()
     loader = make()
@@ -69,7 +69,7 @@ def _loader_rate(make, total: int) -> tuple[float, str]:
     next(it)
     setup = time.perf_counter() - start
     steps, best = max(inner.steps_per_epoch, -(-total // inner.batch_size)), 0.0
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(steps):
             next(it)
@@ -78,38 +78,39 @@ def _loader_rate(make, total: int) -> tuple[float, str]:
     return best, f"{mode}; setup {setup:.2f} s"
 
 
-def run(cfg) -> dict:
+def run(cfg, min_samples: int = MIN_SAMPLES, repeats: int = REPEATS) -> dict:
+    """Measure, print, write ``bench_loader.json``; smaller ``min_samples``/``repeats`` give a quick run."""
     s, path = cfg.sit, Path(cfg.paths.latents)
     group = open_zarr_group(path)
     LatentBatches(path, 1, s.seed)  # refuses a store that training would refuse
     arr = group[schema.LATENTS]
     n, views = int(arr.shape[0]), int(arr.shape[1])
     batch = min(s.batch_size, n)
-    total = max(n, MIN_SAMPLES)
+    total = max(n, min_samples)
     print(f"bench loader: {path}: {n} samples x {views} views x {tuple(arr.shape[2:])} {arr.dtype} "
           f"({arr.nbytes / 2**20:.1f} MiB), batch {batch}, >= {total} samples per measurement", flush=True)
     results: dict[str, float] = {}
     data = np.asarray(arr[:])
-    results["numpy_in_ram"] = _rate(lambda i, v: data[i, v], n, views, batch, total)
+    results["numpy_in_ram"] = _rate(lambda i, v: data[i, v], n, views, batch, total, repeats)
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         np.save(Path(tmp) / "all.npy", data)
         mm = np.load(Path(tmp) / "all.npy", mmap_mode="r")
-        results["numpy_memmap"] = _rate(lambda i, v: mm[i, v], n, views, batch, total)
+        results["numpy_memmap"] = _rate(lambda i, v: mm[i, v], n, views, batch, total, repeats)
         m = min(n, MAX_FILES)
         for i in range(m):
             np.save(Path(tmp) / f"{i}.npy", data[i])
         files = [str(Path(tmp) / f"{i}.npy") for i in range(m)]
         per_file = lambda idx, v: np.stack([np.load(files[i])[j] for i, j in zip(idx, v)])  # noqa: E731
-        results["npy_per_sample"] = _rate(per_file, m, views, min(batch, m), min(total, 4 * m))
+        results["npy_per_sample"] = _rate(per_file, m, views, min(batch, m), min(total, 4 * m), repeats)
     del data, mm
     modes = {}
     for key, budget in (("loader_in_ram", 1 << 62), ("loader_streaming", 0)):
         results[key], modes[key] = _loader_rate(
             lambda b=budget: ShardedLoader(path, [schema.LATENTS], batch, s.seed, memory_budget_bytes=b,
-                                           shuffle_buffer=s.shuffle_buffer, random_view=True), total)
+                                           shuffle_buffer=s.shuffle_buffer, random_view=True), total, repeats)
     results["latent_batches_torch"], modes["latent_batches_torch"] = _loader_rate(
         lambda: LatentBatches(path, batch, s.seed, memory_budget_bytes=int(s.memory_budget_gb * (1 << 30)),
-                              shuffle_buffer=s.shuffle_buffer), total)
+                              shuffle_buffer=s.shuffle_buffer), total, repeats)
 
     labels = {"numpy_in_ram": "in-RAM NumPy array (the limit)", "numpy_memmap": "memory-mapped .npy",
               "npy_per_sample": "one .npy per sample (fast-DiT)", "loader_in_ram": "ShardedLoader",

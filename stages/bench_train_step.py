@@ -22,6 +22,7 @@ expected.
 
 from __future__ import annotations
 
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,8 +40,7 @@ from fae_pipe.training.flops import count_flops
 from fae_pipe.training.logs import write_metrics
 from fae_pipe.transport import shift_factor, training_loss
 
-ROUNDS = 2  # alternate the paths and keep each one's best round: the machine is shared
-CACHED_STEPS, ONLINE_STEPS = 10, 3
+STEPS = 5  # timed steps per path (after one warm-up step each); rates use the median step time
 
 
 class SitStep:
@@ -142,18 +142,19 @@ def run(cfg) -> dict:
         step_fn(online(rows, views[rows]), y, k)
 
     cached(0), uncached(0)  # warm-up: first-call allocations, thread pools, autotuning
-    best = {"cached": 0.0, "online": 0.0}
-    for _ in range(ROUNDS):
-        for name, fn, n in (("cached", cached, CACHED_STEPS), ("online", uncached, ONLINE_STEPS)):
-            online.seconds = dict.fromkeys(online.seconds, 0.0)
-            t = time.perf_counter()
-            for k in range(1, n + 1):
-                fn(k)
-            rate = n / (time.perf_counter() - t)
-            if rate > best[name]:
-                best[name] = rate
-                if name == "online":
-                    parts = {k: v / n for k, v in online.seconds.items()}
+    times: dict[str, list[float]] = {"cached": [], "online": []}
+    part_times: list[dict[str, float]] = []
+    for k in range(1, STEPS + 1):  # alternate step by step: both paths see the same machine load
+        t = time.perf_counter()
+        cached(k)
+        times["cached"].append(time.perf_counter() - t)
+        online.seconds = dict.fromkeys(online.seconds, 0.0)
+        t = time.perf_counter()
+        uncached(k)
+        times["online"].append(time.perf_counter() - t)
+        part_times.append(dict(online.seconds))
+    rate = {name: 1 / statistics.median(ts) for name, ts in times.items()}
+    parts = {k: statistics.median(p[k] for p in part_times) for k in online.seconds}
 
     rows = order[:b]
     px = online.pixels(rows, views[rows])
@@ -165,18 +166,18 @@ def run(cfg) -> dict:
              "sit_fwd_bwd": count_flops(lambda: step_fn.loss(x, y, 0).backward())}
     step_fn.opt.zero_grad(set_to_none=True)
     expected = sum(flops.values()) / flops["sit_fwd_bwd"]
-    measured = best["cached"] / best["online"]
+    measured = rate["cached"] / rate["online"]
     ok = measured >= 0.9 * expected
-    parts["sit_step"] = 1 / best["online"] - sum(parts.values())
-    print(f"  cached latents: {best['cached']:8.3f} steps/s ({best['cached'] * b:,.0f} samples/s)", flush=True)
-    print(f"  online path   : {best['online']:8.3f} steps/s ({best['online'] * b:,.0f} samples/s); per step: "
+    parts["sit_step"] = 1 / rate["online"] - sum(parts.values())
+    print(f"  cached latents: {rate['cached']:8.3f} steps/s ({rate['cached'] * b:,.0f} samples/s)", flush=True)
+    print(f"  online path   : {rate['online']:8.3f} steps/s ({rate['online'] * b:,.0f} samples/s); per step: "
           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()), flush=True)
-    seconds = {"encoder": parts["encoder"], "fae": parts["fae"], "sit_fwd_bwd": 1 / best["cached"]}
+    seconds = {"encoder": parts["encoder"], "fae": parts["fae"], "sit_fwd_bwd": 1 / rate["cached"]}
     print("  FLOPs per step (achieved rate): " + ", ".join(
         f"{k} {v / 1e9:.2f} G ({v / seconds[k] / 1e9:.1f} GFLOP/s)" for k, v in flops.items()), flush=True)
     print(f"bench train-step: measured speed-up {measured:.2f}x, FLOP-expected {expected:.2f}x, "
           f"measured/expected {measured / expected:.2f} (target >= 0.9): {'met' if ok else 'NOT met'}", flush=True)
-    summary = {"batch": b, "steps_per_s": best, "measured_speedup": measured, "flop_expected_speedup": expected,
+    summary = {"batch": b, "steps_per_s": rate, "measured_speedup": measured, "flop_expected_speedup": expected,
                "flops": flops, "online_seconds_per_step": parts, "target_met": ok}
     write_metrics(Path(cfg.paths.metrics) / "bench_train_step.json", summary)
     online.pool.shutdown()

@@ -165,3 +165,19 @@ def test_invalid_samples_are_never_served(tmp_path):
     data = LatentBatches(tmp_path / "l.zarr", 4, seed=0)
     ids = epoch_ids(data.loader, 0) - 1000
     assert data.steps_per_epoch == 4 and np.all(ids % 2 == 1)
+
+
+def test_bench_loader_runs_and_writes_its_metrics(store, tmp_path):
+    import json
+
+    from fae_pipe.config import load_config
+    from fae_pipe.stages import bench_loader
+
+    path, _ = store
+    cfg = load_config(None, {"paths.latents": str(path), "paths.metrics": str(tmp_path), "sit.batch_size": 8,
+                               "sit.memory_budget_gb": 1.0})
+    summary = bench_loader.run(cfg, min_samples=200, repeats=1)
+    rates = summary["samples_per_s"]
+    assert set(rates) == {"numpy_in_ram", "numpy_memmap", "npy_per_sample", "loader_in_ram", "loader_streaming",
+                          "latent_batches_torch"} and min(rates.values()) > 0
+    assert json.loads((tmp_path / "bench_loader.json").read_text())["configured_mode"] == "loader_in_ram"

@@ -13,7 +13,8 @@ exactly the batches the uninterrupted run saw. Per epoch:
 1. the storage shards are permuted; the kept samples of the shards, in that order,
    form one stream;
 2. the stream is cut into ``world_size`` equal contiguous parts: rank r trains on
-   part r only (disjoint samples; a rank reads only the shards its part touches);
+   part r only (disjoint samples; when streaming, a rank reads only the shards its
+   part touches);
 3. each part is cut to ``steps_per_epoch * batch_size`` samples and then into
    windows of whole batches (``shuffle_buffer`` shards' worth of rows, or the whole
    part when the store is held in RAM); the order inside each window is a seeded
@@ -118,7 +119,7 @@ class ShardedLoader:
         return len(self._blocks)
 
     def batches_from(self, step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Infinite ``(epoch, batch)`` stream starting at global batch number ``step``."""
+        """Infinite ``(epoch, batch)`` stream starting at this process's batch number ``step``."""
         epoch, first = divmod(int(step), self.steps_per_epoch)
         per_window = self.window // self.batch_size
         while True:
