@@ -11,11 +11,12 @@ the same latents (the configured ``paths.latents``), batch size ``sit.batch_size
 
 The loader runs in both modes (store held in RAM; streaming whole shards through the
 shuffle buffer) and as ``LatentBatches`` (normalised float32 torch tensors). Each
-measurement covers at least one epoch and ``MIN_SAMPLES`` samples, best of ``REPEATS``.
-Loader rates are steady state: opening the store and the first batch (which reads the whole store in
-RAM mode) are timed separately as "setup"; streaming re-reads every shard each
-epoch, so its steady state includes all its zarr reads. Targets (issue 4): loader >= 0.5x the in-RAM array and >= 5x
-per-sample files. Results also go to ``<metrics>/bench_loader.json``.
+measurement covers at least one epoch and ``MIN_SAMPLES`` samples, best of
+``REPEATS``. Loader rates are steady state: opening the store and the first batch
+(which reads the whole store in RAM mode) are timed separately as "setup";
+streaming re-reads every shard each epoch, so its steady state includes all its
+zarr reads. Targets (issue 4): loader >= 0.5x the in-RAM array and >= 5x per-sample
+files. Results also go to ``<metrics>/bench_loader.json``.
 """
 
 from __future__ import annotations
