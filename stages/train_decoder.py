@@ -199,7 +199,8 @@ def run(cfg: Config, resume: str | None = None) -> None:
             if main:
                 eval_log.log(done, psnr=metrics["psnr"], lpips=metrics["lpips"], baseline_psnr=metrics["baseline_psnr"])
                 bar.write(f"{STAGE}: step {done}: held-out PSNR {metrics['psnr']:.2f} dB "
-                          f"(mean-image baseline {metrics['baseline_psnr']:.2f}), LPIPS {metrics['lpips']:.4f}")
+                          f"(mean-image baseline {metrics['baseline_psnr']:.2f}), LPIPS {metrics['lpips']:.4f}",
+                          file=sys.stderr)
         if done % dc.checkpoint_every == 0 or done == dc.steps:
             checkpoint(done)
     bar.close()

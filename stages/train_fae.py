@@ -146,7 +146,8 @@ def run(cfg: Config, resume: str | None = None) -> None:
             metrics = evaluate()
             if main and metrics:
                 eval_log.log(done, mse=metrics["mse"], cosine=metrics["cosine"], mse_relative=metrics["mse_relative"])
-                bar.write(f"{STAGE}: step {done}: held-out mse {metrics['mse']:.4g}, cosine {metrics['cosine']:.4f}")
+                bar.write(f"{STAGE}: step {done}: held-out mse {metrics['mse']:.4g}, cosine {metrics['cosine']:.4f}",
+                          file=sys.stderr)
         if done % fc.checkpoint_every == 0 or done == fc.steps:
             checkpoint(done)
     bar.close()
