@@ -171,8 +171,8 @@ def run(cfg) -> dict:
     expected = sum(flops.values()) / flops["sit_fwd_bwd"]
     measured = rate["cached"] / rate["online"]
     ok = measured >= 0.9 * expected
-    print(f"  cached latents: {rate['cached']:8.3f} steps/s ({rate['cached'] * b:,.0f} samples/s)", flush=True)
-    print(f"  online path   : {rate['online']:8.3f} steps/s ({rate['online'] * b:,.0f} samples/s); per step: "
+    print(f"  cached latents: {rate['cached']:8.3f} steps/s ({rate['cached'] * b:,.1f} samples/s)", flush=True)
+    print(f"  online path   : {rate['online']:8.3f} steps/s ({rate['online'] * b:,.1f} samples/s); per step: "
           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()), flush=True)
     seconds = {"encoder": parts["encoder"], "fae": parts["fae"], "sit_fwd_bwd": 1 / rate["cached"]}
     print("  FLOPs per step (achieved rate): " + ", ".join(

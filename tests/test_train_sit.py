@@ -117,6 +117,20 @@ def test_stop_then_resume_through_the_cli_is_exact(reference):
     assert_same_weights(tmp / "cli", ref)
 
 
+def test_resume_auto_continues_a_compatible_run_and_restarts_otherwise(reference, capsys):
+    tmp, store, ref, _ = reference
+    cfg = write_config(tmp, store, "auto")
+    cli_main(["train-sit", "--config", str(cfg), "--resume", "auto", "--steps", "3"])  # nothing to resume: fresh
+    cli_main(["train-sit", "--config", str(cfg), "--resume", "auto"])  # same settings but steps: resumes
+    assert "resuming from" in capsys.readouterr().err
+    assert loss_rows(tmp / "auto") == loss_rows(ref)
+    assert_same_weights(tmp / "auto", ref)
+    cli_main(["train-sit", "--config", str(cfg), "--resume", "auto", "--lr", "0.002", "--steps", "2"])
+    assert "starting a fresh run" in capsys.readouterr().out
+    assert [int(r["step"]) for r in loss_rows(tmp / "auto")] == [1, 2]
+    assert [p.name for p in sorted((tmp / "auto" / "checkpoints").glob("*.pt"))] == ["step-000000002.pt"]
+
+
 def test_sigkill_then_resume_is_exact(reference):
     tmp, store, ref, _ = reference
     cfg = write_config(tmp, store, "kill", steps=100_000, checkpoint_every=1, keep_last=3)
