@@ -73,11 +73,25 @@ class ShardTask(Protocol):
 _PREPARED: dict[str, ShardTask] = {}  # per process: the task whose setup() already ran
 
 
+REMOTE_WORKER = -1  # ``workers`` value meaning: a worker of an external cluster
+
+
 def set_torch_threads(threads: int, workers: int) -> int:
-    """Set torch's intra-op threads explicitly (dask's nanny forces OMP threads to 1)."""
+    """Set torch's intra-op threads explicitly (dask's nanny forces OMP threads to 1).
+
+    ``threads`` when given; else cores / ``workers`` (in-process: all cores); on an
+    external cluster's worker, that worker's own dask thread count.
+    """
     import torch
 
-    n = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    if threads:
+        n = threads
+    elif workers == REMOTE_WORKER:
+        from distributed import get_worker
+
+        n = max(1, int(get_worker().state.nthreads))
+    else:
+        n = max(1, (os.cpu_count() or 1) // max(1, workers))
     torch.set_num_threads(n)
     return n
 
@@ -218,7 +232,7 @@ def _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, thread
     cluster = None
     if scheduler:
         client = Client(scheduler)
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        n_workers = REMOTE_WORKER
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=40)
