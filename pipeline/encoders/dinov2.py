@@ -13,7 +13,9 @@ weights are never mixed:
   input size. Fingerprint: sha256 of the file bytes.
 * ``"random"``: random initialisation, for tests and the offline demo only. It is
   drawn from a fixed seed, so every process (e.g. every dask worker) builds the same
-  encoder, and a WARNING says the features are not DINOv2 features.
+  encoder, and a WARNING says the features are not DINOv2 features. LayerScale gammas
+  are set to 1 (timm starts them at 1e-5, which makes every block a near no-op and the
+  cls token almost constant across images), so random features still depend on the image.
 
 ``encode`` returns the final-norm tokens of ``forward_features`` split into the patch
 grid (prefix tokens, i.e. cls and any registers, dropped) and the cls token, in
@@ -94,7 +96,12 @@ def _create_model(name: str, weights: str, input_size: int) -> tuple[nn.Module, 
         log.warning(RANDOM_WARNING)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
-            return timm.create_model(name, pretrained=False, img_size=input_size), "random"
+            model = timm.create_model(name, pretrained=False, img_size=input_size)
+        with torch.no_grad():
+            for pname, param in model.named_parameters():
+                if pname.endswith(".gamma"):
+                    param.fill_(1.0)
+        return model, "random"
     if weights == "hub":
         tagged = f"{name}.{HUB_TAG}"
         cached = _hub_cached_file(timm.models.get_pretrained_cfg(tagged).hf_hub_id)
