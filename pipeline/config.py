@@ -94,7 +94,7 @@ class Fae:
     checkpoint_every: int = F(10_000, "steps between checkpoints", min=1)
     keep_last: int = F(2, "checkpoints kept (the newest)", min=1)
     eval_every: int = F(10_000, "steps between held-out evaluations", min=1)
-    precision: str = F("bf16", "mixed precision", choices=["no", "bf16", "fp16"])
+    precision: str = F("bf16", "mixed precision (fp32 = none)", choices=["fp32", "bf16", "fp16"])
     seed: int = F(0, "training seed", min=0)
 
 
@@ -121,7 +121,7 @@ class Decoder:
     keep_last: int = F(2, "checkpoints kept (the newest)", min=1)
     eval_every: int = F(10_000, "steps between held-out evaluations", min=1)
     eval_images: int = F(64, "held-out images for PSNR/LPIPS and the grid", min=1)
-    precision: str = F("bf16", "mixed precision", choices=["no", "bf16", "fp16"])
+    precision: str = F("bf16", "mixed precision (fp32 = none)", choices=["fp32", "bf16", "fp16"])
     seed: int = F(0, "training seed", min=0)
 
 
@@ -159,7 +159,7 @@ class Sit:
     keep_last: int = F(3, "checkpoints kept (the newest)", min=1)
     memory_budget_gb: float = F(64.0, "hold the whole latent store in RAM when it fits this budget", min=0.0)
     shuffle_buffer: int = F(8, "storage shards mixed in the streaming shuffle buffer", min=1)
-    precision: str = F("bf16", "mixed precision", choices=["no", "bf16"])
+    precision: str = F("bf16", "mixed precision (fp32 = none)", choices=["fp32", "bf16"])
     seed: int = F(0, "training seed", min=0)
 
 
@@ -276,6 +276,8 @@ def coerce(key: str, value: Any, f: dataclasses.Field, where: str = "") -> Any:
         if not isinstance(value, list):
             raise bad(_type_name(list))
     choices = meta.get("choices")
+    if choices is not None and "fp32" in choices and value in ("no", False):
+        value = "fp32"  # accelerate's spelling; YAML 1.1 also reads a bare `no` as false
     if choices is not None:
         items = value if tp is list else [value]
         for item in items:

@@ -16,12 +16,13 @@ from accelerate import Accelerator
 from fae_pipe.errors import UserError
 
 
-def make_accelerator(precision: str = "no", grad_accum: int = 1, section: str = "") -> Accelerator:
+def make_accelerator(precision: str = "fp32", grad_accum: int = 1, section: str = "") -> Accelerator:
     """Accelerator on CUDA when present, else CPU (``accelerate launch`` settings still apply)."""
     cpu = not torch.cuda.is_available()
     if precision == "fp16" and cpu:
-        raise UserError(f"config error: {section}.precision = 'fp16' is invalid on CPU: expected 'no' or 'bf16'")
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
+        raise UserError(f"config error: {section}.precision = 'fp16' is invalid on CPU: expected 'fp32' or 'bf16'")
+    mixed = "no" if precision in ("fp32", "no") else precision
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=cpu)
 
 
 def step_seed(seed: int, rank: int, step: int, stream: str = "") -> int:
