@@ -92,6 +92,11 @@ _register_fae("fae_tiny", 384, 8, 4, 32,
               fd=dict(width=128, depth=2, heads=4, mlp_ratio=4.0),
               pd=dict(grid_size=8, patch_size=8, width=128, depth=2, heads=4, mlp_ratio=4.0))
 
+# Offline demo on 2 CPU cores: DINOv2-S at 56 px -> 4x4x384 tokens -> 4x4x8 latent -> 64 px images.
+_register_fae("fae_demo", 384, 8, 4, 32,
+              fd=dict(width=128, depth=2, heads=4, mlp_ratio=4.0),
+              pd=dict(grid_size=4, patch_size=16, width=128, depth=2, heads=4, mlp_ratio=4.0))
+
 # SiT sizes (DiT table); defaults are FAE-32 latents at 256 px, patch 1, ImageNet classes.
 _SIT_DATA = dict(input_size=16, patch_size=1, in_channels=32, num_classes=1000, mlp_ratio=4.0)
 register("sit_s", SiT, "sit", width=384, depth=12, heads=6, **_SIT_DATA)
