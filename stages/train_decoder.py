@@ -76,6 +76,21 @@ def load_stage2_inputs(cfg: Config, run_dir: Path, source: dict, device):
     return fae, file_fingerprint(fae_path), load_decoder_file(stage1)
 
 
+def through_fae(cfg: Config, source: dict, pdec, eval_set, lpips_model, device) -> dict:
+    """Stage 1 only: the full FAE round trip features -> latent -> x_hat -> pixels, when fae.pt fits the store."""
+    fae_path = Path(cfg.paths.fae_run) / FAE_FILE
+    if not fae_path.is_file():
+        return {}
+    payload = load_fae_file(fae_path)
+    if payload["source_features"].get("config_hash") != source["config_hash"]:
+        print(f"{STAGE}: note: {fae_path} was trained on another feature store; no round-trip metrics",
+              file=sys.stderr)
+        return {}
+    fae = FeatureAutoencoder.load(fae_path, stats=False, device=device)
+    scores = evaluate_decoder(pdec, eval_set, lpips_model, device, fae)
+    return {"psnr_through_fae": scores["psnr"], "lpips_through_fae": scores["lpips"]}
+
+
 def run(cfg: Config, resume: str | None = None) -> None:
     t0 = time.perf_counter()
     dc, run_dir = cfg.decoder, Path(cfg.paths.decoder_run)
@@ -208,6 +223,8 @@ def run(cfg: Config, resume: str | None = None) -> None:
     trained, loop_s = dc.steps - start, time.perf_counter() - t_loop
     if not metrics:
         metrics = evaluate(run_dir / "recon_grid.png" if main else None)
+    if main and dc.stage == 1:
+        metrics.update(through_fae(cfg, source, weights(), eval_set, lpips_model, device))
     if main:
         wall = time.perf_counter() - t0
         summary = dict(metrics, stage=dc.stage, steps=dc.steps, steps_this_run=trained, wall_seconds=wall,
@@ -223,8 +240,11 @@ def run(cfg: Config, resume: str | None = None) -> None:
         write_metrics(Path(cfg.paths.metrics) / "decoder.json", summary)
         log.close()
         eval_log.close()
+        round_trip = (f"; through the FAE {metrics['psnr_through_fae']:.2f} dB" if "psnr_through_fae" in metrics
+                      else "")
         print(f"{STAGE}: stage {dc.stage}, {dc.steps} steps ({trained} this run, "
               f"{trained / loop_s if loop_s > 0 else 0:.1f} steps/s), held-out PSNR {metrics['psnr']:.2f} dB vs "
               f"mean-image {metrics['baseline_psnr']:.2f} dB, LPIPS[{dc.lpips_backbone}] {metrics['lpips']:.4f} "
-              f"({metrics['eval_images']} images), {wall:.1f} s -> {run_dir / DECODER_FILE}", file=sys.stderr)
+              f"({metrics['eval_images']} images){round_trip}, {wall:.1f} s -> {run_dir / DECODER_FILE}",
+              file=sys.stderr)
     accelerator.wait_for_everyone()

@@ -59,7 +59,8 @@ def _load(path: Path, fmt: str, made_by: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise UserError(f"{path} cannot be read ({type(e).__name__}): pass a file written by `fae-pipe {made_by}`") from None
+        raise UserError(f"{path} cannot be read ({type(e).__name__}): "
+                        f"pass a file written by `fae-pipe {made_by}`") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise UserError(f"{path} is not a {fmt} file: pass the file written by `fae-pipe {made_by}`")
     return payload
