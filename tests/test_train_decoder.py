@@ -21,7 +21,8 @@ from fae_pipe.stages import train_decoder, train_fae
 
 DECODER = {"lpips_backbone": "random", "lpips_weight": 0.1, "gan_weight": 0.1, "gan_start": 20,
            "discriminator": "patchgan_tiny", "steps": 30, "batch_size": 16, "lr": 1e-3, "warmup": 5,
-           "checkpoint_every": 10, "keep_last": 5, "eval_every": 15, "eval_images": 16, "precision": "no"}
+           "checkpoint_every": 10, "keep_last": 5, "eval_every": 15, "eval_images": 16, "precision": "no",
+           "ema_decay": 0.8}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,7 @@ def test_short_run_beats_the_mean_image_baseline(stage1):
     assert Image.open(root / "decoder" / "recon_grid.png").size == (8 * 64, 4 * 64)
     export = torch.load(root / "decoder" / "decoder.pt", weights_only=False)
     assert export["model"] == "fae_tiny.pixel_decoder" and export["stage"] == 1 and export["image_size"] == 64
+    assert export["ema"] is True
 
 
 def test_resume_from_a_checkpoint_reproduces_the_run(stage1, tmp_path):

@@ -93,7 +93,7 @@ def test_training_learns_and_writes_artefacts(data, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
-    common = dict(fae={"steps": 24, "checkpoint_every": 4, "keep_last": 20, "eval_every": 100})
+    common = dict(fae={"steps": 24, "checkpoint_every": 4, "keep_last": 20, "eval_every": 100, "ema_decay": 0.9})
     ref_cfg = write_config(tmp_path / "ref.yaml", data, paths={"fae_run": str(tmp_path / "ref"),
                                                               "metrics": str(tmp_path / "mref")}, **common)
     train_fae.run(load_config(ref_cfg))
