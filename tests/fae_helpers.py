@@ -116,7 +116,7 @@ def write_config(path: Path, root: Path, **sections) -> Path:
                   "decoder_run": str(root / "decoder"), "metrics": str(root / "metrics")},
         "data": {"root": str(root / "images"), "image_size": IMAGE, "views": ["orig", "flip"], "decode_workers": 2},
         "fae": {"model": "fae_tiny", "steps": 30, "batch_size": 16, "lr": 2e-3, "warmup": 5, "beta": 1e-4,
-                "checkpoint_every": 10, "eval_every": 10, "keep_last": 2, "precision": "no", "seed": 0},
+                "checkpoint_every": 10, "eval_every": 10, "keep_last": 2, "precision": "fp32", "seed": 0},
     }
     for section, values in sections.items():
         cfg.setdefault(section, {}).update(values)

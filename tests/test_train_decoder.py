@@ -21,7 +21,7 @@ from fae_pipe.stages import train_decoder, train_fae
 
 DECODER = {"lpips_backbone": "random", "lpips_weight": 0.1, "gan_weight": 0.1, "gan_start": 20,
            "discriminator": "patchgan_tiny", "steps": 30, "batch_size": 16, "lr": 1e-3, "warmup": 5,
-           "checkpoint_every": 10, "keep_last": 5, "eval_every": 15, "eval_images": 16, "precision": "no",
+           "checkpoint_every": 10, "keep_last": 5, "eval_every": 15, "eval_images": 16, "precision": "fp32",
            "ema_decay": 0.8}
 
 
