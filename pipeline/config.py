@@ -167,7 +167,7 @@ class Sit:
 class Sample:
     method: str = F("euler", "sampler", choices=["euler", "heun", "dopri5", "sde"])
     steps: int = F(250, "sampler steps", min=1)
-    guidance: list = F([[0.9, 1.0, 0.9], [0.7, 0.9, 1.0], [0.0, 0.7, 2.5]],
+    guidance: list = F([[0.9, 1.0, 0.9], [0.7, 0.9, 1.7], [0.0, 0.7, 2.5]],
                        "CFG segments [[t_start, t_end, scale], ...]; scale 1 = no guidance")
     classes: list = F([], "classes to sample; empty = all classes of the latent store")
     num_samples: int = F(50_000, "images to sample in total (balanced over classes)", min=1)
