@@ -22,13 +22,6 @@ from fae_pipe.stages import evaluate
 from tiny_pipeline import session_pipeline
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -20,14 +20,6 @@ from fae_pipe.stages import sample as sample_stage
 from tiny_checkpoints import NUM_CLASSES, paths_section, write_fae, write_runs, write_sit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Other test processes share the 2 cores; one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
