@@ -16,7 +16,6 @@ from pathlib import Path
 import os
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 import yaml
@@ -30,14 +29,6 @@ GRID, DIM, LATENT, IMAGE = 8, 384, 8, 64
 # OpenMP threads per process made an AdamW step of 650k parameters 20x slower (measured).
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run a test with one torch thread (restored afterwards); import it into a test module to use it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def hidden_fields(n: int, labels: np.ndarray, seed: int = 0, grid: int = GRID) -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from fae_helpers import cli, make_dataset, make_feature_store, one_thread, write_config  # noqa: F401
+from fae_helpers import cli, make_dataset, make_feature_store, write_config
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import record_path
 from fae_pipe.cache.inspect import inspect_store, verify_store

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fae_helpers import features_of, make_dataset, make_feature_store, one_thread, paint, write_config  # noqa: F401
+from fae_helpers import features_of, make_dataset, make_feature_store, paint, write_config
 from fae_pipe.cache import schema
 from fae_pipe.config import load_config
 from fae_pipe.data.index import read_index

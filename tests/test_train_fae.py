@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fae_helpers import DIM, THREAD_ENV, cli, make_dataset, make_feature_store, one_thread, write_config  # noqa: F401
+from fae_helpers import DIM, THREAD_ENV, cli, make_dataset, make_feature_store, write_config
 from fae_pipe.cache import schema
 from fae_pipe.config import load_config
 from fae_pipe.data.sharded import ShardedLoader
