@@ -49,7 +49,10 @@ BENCHES: dict[str, tuple[str, list[str], str, list[click.Parameter]]] = {
     "extract": ("bench_extract", ["extract", "encoder", "data", "paths"],
                 "Images/s: bare encoder vs full extract path vs naive per-image .npy extractor.", []),
     "loader": ("bench_loader", ["sit", "paths"],
-               "Samples/s: latent loader vs in-RAM array vs one .npy file per sample.", []),
+               "Samples/s: latent loader vs in-RAM array vs one .npy file per sample.",
+               [click.Option(["--synthetic"], default=None, metavar="NxCxHxW",
+                             help="bench a temporary store of N random samples (2 views) shaped CxHxW "
+                                  "instead of paths.latents, e.g. 16384x32x16x16 for the paper's latents")]),
     "train-step": ("bench_train_step", ["sit", "encoder", "fae", "data", "paths"],
                    "SiT steps/s on cached latents vs the online encoder path, with the FLOP-expected ratio.", []),
 }

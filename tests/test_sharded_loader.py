@@ -3,9 +3,12 @@
 import numpy as np
 import pytest
 import torch
+import zarr
+from zarr.codecs import ZstdCodec
 
 from fae_pipe.cache import schema
 from fae_pipe.data.latents import LatentBatches
+from fae_pipe.data import sharded
 from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
 
@@ -58,8 +61,10 @@ def test_each_epoch_serves_kept_samples_once_on_disjoint_ranks(store, budget, wo
         assert len(ids) == len(set(ids.tolist())) == world * loaders[0].steps_per_epoch * 5
         assert not {3, 17, 40} & {i - 1000 for i in ids.tolist()}
         assert loaders[0].steps_per_epoch == (57 // world) // 5
-    if budget == 0:
-        assert max(ld.resident_shards for ld in loaders) <= 2  # one shard window (+ a boundary shard)
+    if budget == 0:  # one shard's worth of window (+ a boundary shard) in process memory
+        assert 0 < max(ld.resident_rows for ld in loaders) <= 2 * 16
+    else:
+        assert all(ld.resident_rows == 60 for ld in loaders)
 
 
 def test_order_is_a_function_of_seed_and_epoch(store):
@@ -72,7 +77,15 @@ def test_order_is_a_function_of_seed_and_epoch(store):
     assert np.array_equal(a.epoch_views(3), b.epoch_views(3))
 
 
-@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["ram", "streaming"])
+@pytest.fixture(params=["ram", "stream-copy", "stream-maps"])
+def budget(request, monkeypatch):
+    """The three ways batches are served: whole store in RAM; streaming windows copied into one
+    block (small samples); streaming gathered per shard from memory maps (large samples)."""
+    if request.param == "stream-maps":
+        monkeypatch.setattr(sharded, "CONTIGUOUS_ROW_BYTES", 0)
+    return 1 << 30 if request.param == "ram" else 0
+
+
 def test_batches_from_step_continues_exactly(store, budget):
     path, _ = store
     loader = ShardedLoader(path, ["latents"], 4, seed=2, memory_budget_bytes=budget, shuffle_buffer=1)
@@ -95,7 +108,6 @@ def test_streaming_and_ram_serve_the_same_samples_per_epoch(store):
     assert not np.array_equal(epoch_ids(ram, 0), epoch_ids(stream, 0))  # different shuffle windows
 
 
-@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["ram", "streaming"])
 def test_rows_are_the_stored_sample_with_its_random_view(store, budget):
     path, x = store
     loader = ShardedLoader(path, ["latents"], 6, seed=0, memory_budget_bytes=budget, shuffle_buffer=2)
@@ -106,9 +118,29 @@ def test_rows_are_the_stored_sample_with_its_random_view(store, budget):
     assert batch["latents"].shape == (6, 4, 4, 4) and batch["latents"].dtype == np.float16
     assert np.array_equal(batch["latents"], x[idx, views[idx]])
     assert np.array_equal(batch["labels"], idx % 4)
+    for epoch, batch in [next(it) for it in [loader.batches_from(0)] for _ in range(3 * loader.steps_per_epoch)]:
+        idx, views = batch["sample_ids"] - 1000, loader.epoch_views(epoch)
+        assert np.array_equal(batch["latents"], x[idx, views[idx]])
+    reads = loader._readers["latents"]
+    assert reads.direct_reads > 0 and reads.zarr_reads == 0  # the schema's stores take the direct path
     fixed = ShardedLoader(path, ["latents"], 6, seed=0, memory_budget_bytes=budget, random_view=False)
     _, batch = next(fixed.batches_from(0))
     assert np.array_equal(batch["latents"][:, 0, 0, 0] % 10, np.zeros(6))
+
+
+def test_a_compressed_store_is_served_through_zarr(tmp_path, budget):
+    g = zarr.create_group(str(tmp_path / "z.zarr"))
+    x = np.arange(30 * 2 * 3, dtype=np.float32).reshape(30, 2, 3)
+    g.create_array("x", shape=x.shape, chunks=(5, 2, 3), shards=(10, 2, 3), dtype="float32",
+                   compressors=ZstdCodec(level=1))[:] = x
+    g.create_array("labels", shape=(30,), chunks=(10,), dtype="int64")[:] = np.arange(30) % 3
+    loader = ShardedLoader(tmp_path / "z.zarr", ["x"], 5, seed=0, memory_budget_bytes=budget, shuffle_buffer=1)
+    it = loader.batches_from(0)
+    for _ in range(2 * loader.steps_per_epoch):
+        epoch, batch = next(it)
+        idx = batch["sample_ids"]
+        assert np.array_equal(batch["x"], x[idx, loader.epoch_views(epoch)[idx]])
+    assert loader._readers["x"].zarr_reads > 0 and loader._readers["x"].direct_reads == 0
 
 
 def test_any_sample_first_store_with_a_view_axis(tmp_path):
@@ -181,3 +213,24 @@ def test_bench_loader_runs_and_writes_its_metrics(store, tmp_path):
     assert set(rates) == {"numpy_in_ram", "numpy_memmap", "npy_per_sample", "loader_in_ram", "loader_streaming",
                           "latent_batches_torch"} and min(rates.values()) > 0
     assert json.loads((tmp_path / "bench_loader.json").read_text())["configured_mode"] == "loader_in_ram"
+
+
+def test_bench_loader_synthetic_store_through_the_cli(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from fae_pipe.stages.bench_loader import write_synthetic_store
+
+    store = write_synthetic_store(tmp_path / "s.zarr", "40x3x2x2", shard_samples=16, chunk_samples=8)
+    data = LatentBatches(store, 4, seed=0)  # a store training accepts: stats, labels, valid
+    assert data.info.shape == (3, 2, 2) and data.info.views == 2 and data.loader.num_shards == 3
+    cli = [sys.executable, "-m", "fae_pipe.cli", "bench", "loader", "--paths-metrics", str(tmp_path),
+           "--batch-size", "8"]
+    out = subprocess.run(cli + ["--synthetic", "300x4x2x2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "300 samples x 2 views x (4, 2, 2)" in out.stdout
+    summary = json.loads((tmp_path / "bench_loader.json").read_text())
+    assert summary["num_samples"] == 300 and set(summary["targets_met"]) == {"loader_in_ram", "loader_streaming"}
+    bad = subprocess.run(cli + ["--synthetic", "300x4"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "NxCxHxW" in bad.stderr

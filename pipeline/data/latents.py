@@ -95,9 +95,11 @@ class LatentBatches:
     def from_step(self, step: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Infinite stream starting at this process's batch number ``step``."""
         c = self.info.shape[0]
-        mean = torch.tensor(self.info.channel_mean, dtype=torch.float32, device=device).view(1, c, 1, 1)
-        std = torch.tensor(self.info.channel_std, dtype=torch.float32, device=device).view(1, c, 1, 1)
+        mean = torch.tensor(self.info.channel_mean, dtype=torch.float64).view(1, c, 1, 1)
+        std = torch.tensor(self.info.channel_std, dtype=torch.float64).view(1, c, 1, 1)
+        # (x - mean) / std as one fused x * scale + shift that also widens fp16 -> fp32
+        scale, shift = (1 / std).float().to(device), (-mean / std).float().to(device)
         for epoch, batch in self.loader.batches_from(step):
-            x = torch.from_numpy(batch[schema.LATENTS]).to(device).float()
-            y = torch.from_numpy(batch["labels"]).to(device)
-            yield epoch, (x - mean) / std, y
+            x = torch.from_numpy(batch[schema.LATENTS]).to(device, non_blocking=True)
+            y = torch.from_numpy(batch["labels"]).to(device, non_blocking=True)
+            yield epoch, torch.addcmul(shift, x, scale), y

@@ -2,9 +2,12 @@
 
 Why it looks like this: single-sample zarr reads are slow (a chunk decode each), so
 the loader only ever reads whole storage shards and shuffles in memory. When every
-requested array fits ``memory_budget_bytes`` the whole store is read once and held;
-otherwise shards stream in a shuffled order through a window of about
-``shuffle_buffer`` shards that is shuffled in memory.
+requested array fits ``memory_budget_bytes`` the whole store is read once (straight
+from the shard files for uncompressed local stores, ``ShardReader``) and held as one
+array; otherwise shards stream in a shuffled order through a window of about
+``shuffle_buffer`` shards that is shuffled in memory. Streamed shards are memory-mapped
+where possible, so a batch copies only the rows and the view it uses and the kernel
+reads the next window ahead in the background.
 
 The data order is a pure function of ``(seed, epoch)`` (for a given store, world
 size, batch size and mode), so a resumed run asks ``batches_from(step)`` and gets
@@ -27,15 +30,29 @@ batches come back with the view already selected: ``(batch, *rest)``.
 
 from __future__ import annotations
 
+import resource
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import zarr
+from tqdm import tqdm
 
+from fae_pipe.cache.shard_reader import ShardReader
 from fae_pipe.errors import UserError
 
 _ORDER, _WINDOW, _VIEW = 0, 1, 2  # independent random streams per (seed, epoch)
+# Streaming: samples up to this size (all arrays, all views) are copied with their
+# window into one block, since one gather per batch beats a gather per shard when rows
+# are tiny; larger samples are gathered per shard straight from the memory maps, which
+# reads only the view each sample uses (measured: 0.34x vs 0.85x the in-RAM array
+# for 32x16x16 fp16 latents with 2 views).
+CONTIGUOUS_ROW_BYTES = 4096
+# Shard memory maps kept open. Re-mapping a shard whose pages are still cached costs a
+# page fault per page touched (about as much as reading it), so maps are kept, up to a
+# quarter of the open-file limit (each map holds a descriptor) and at most 4096 shards.
+MAX_MAPPED_SHARDS = max(16, min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
 
 class ShardedLoader:
@@ -88,7 +105,16 @@ class ShardedLoader:
         per_part = self.steps_per_epoch * batch_size
         rows = max(1, shuffle_buffer * self.shard_rows // batch_size) * batch_size
         self.window = per_part if self.in_ram else min(per_part, rows)
-        self._blocks: dict[int, dict[str, np.ndarray]] = {}
+        self._readers = {n: ShardReader(self.group[n]) for n in self.names}
+        # resident data: blocks of arrays (one for the whole store / a small window, or
+        # one per shard); _block_of: shard -> block or -1; _row0: shard -> offset from a sample
+        # index to its row in that block; _maps: open shard memory maps, most recently used last
+        self._blocks: list[dict[str, np.ndarray]] = []
+        self._held: list[int] = []
+        self._copied_rows = 0
+        self._block_of = np.full(self.num_shards, -1, np.int64)
+        self._row0 = np.zeros(self.num_shards, np.int64)
+        self._maps: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
 
     # ---- order (no data touched) -------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -97,9 +123,9 @@ class ShardedLoader:
         stream = np.concatenate([self._kept_by_shard[s] for s in rng.permutation(self.num_shards)])
         part_len = self.num_kept // self.world_size
         part = stream[self.rank * part_len: self.rank * part_len + self.steps_per_epoch * self.batch_size].copy()
-        for j, start in enumerate(range(0, part.size, self.window)):
+        wrng = np.random.default_rng([self.seed, epoch, _WINDOW, self.rank])
+        for start in range(0, part.size, self.window):
             seg = part[start:start + self.window]
-            wrng = np.random.default_rng([self.seed, epoch, _WINDOW, self.rank, j])
             part[start:start + self.window] = seg[wrng.permutation(seg.size)]
         return part
 
@@ -112,54 +138,117 @@ class ShardedLoader:
 
     # ---- data --------------------------------------------------------------------
     @property
-    def resident_shards(self) -> int:
-        """Storage shards currently held in memory (all of them when the store is in RAM)."""
-        if self.in_ram:
-            return self.num_shards if self._blocks else 0
-        return len(self._blocks)
+    def resident_rows(self) -> int:
+        """Samples copied into process memory: the whole store in RAM, else at most one small window.
+
+        Memory-mapped shards are not counted: their pages belong to the kernel's page
+        cache, which evicts them under memory pressure.
+        """
+        return self._copied_rows
 
     def batches_from(self, step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Infinite ``(epoch, batch)`` stream starting at this process's batch number ``step``."""
         epoch, first = divmod(int(step), self.steps_per_epoch)
         per_window = self.window // self.batch_size
+        order = self.epoch_order(epoch)
         while True:
-            order, views = self.epoch_order(epoch), self.epoch_views(epoch)
+            views, next_order = self.epoch_views(epoch), None
             for b in range(first, self.steps_per_epoch):
                 if b == first or b % per_window == 0:
                     w = b // per_window
-                    self._hold(order[w * self.window:(w + 1) * self.window])
+                    ahead = order[(w + 1) * self.window:(w + 2) * self.window]
+                    if ahead.size == 0:  # the last window: read ahead into the next epoch
+                        next_order = self.epoch_order(epoch + 1)
+                        ahead = next_order[:self.window]
+                    self._hold(order[w * self.window:(w + 1) * self.window], ahead)
                 idx = order[b * self.batch_size:(b + 1) * self.batch_size]
                 yield epoch, self._gather(idx, views[idx])
             epoch, first = epoch + 1, 0
+            order = next_order if next_order is not None else self.epoch_order(epoch)
 
-    def _hold(self, window_idx: np.ndarray) -> None:
-        """Make the blocks that ``window_idx`` needs resident, dropping the others."""
+    def _hold(self, window_idx: np.ndarray, next_idx: np.ndarray) -> None:
+        """Make the shards ``window_idx`` needs resident; ask the kernel for those of ``next_idx``.
+
+        Held as ONE block (a copy of the shards, concatenated) when the store is in
+        RAM or its samples are small (copying is cheaper than gathering per shard),
+        else as one block per shard straight over its memory map (a batch then copies
+        only the rows and view it uses, so large samples are read once).
+        """
         if self.in_ram:
-            if not self._blocks:
-                self._blocks[0] = {n: self.group[n][:] for n in self.names}
+            if not self._held:
+                self._blocks, self._held = [self._read_store()], list(range(self.num_shards))
+                self._block_of[:], self._copied_rows = 0, self.num_samples
             return
-        needed = set(np.unique(window_idx // self.shard_rows).tolist())
-        for s in [s for s in self._blocks if s not in needed]:
-            del self._blocks[s]
-        for s in sorted(needed - set(self._blocks)):
+        needed = self._shards_of(window_idx)
+        if all(r.direct for r in self._readers.values()):
+            for s in self._shards_of(next_idx):
+                self._open_shard(s)  # maps it and starts the kernel's read-ahead
+        if needed == self._held:
+            return
+        self._blocks, self._held, self._copied_rows = [], [], 0  # free the old window first
+        parts = [self._open_shard(s) for s in needed]
+        self._block_of[:] = -1
+        if sum(r.row_nbytes for r in self._readers.values()) <= CONTIGUOUS_ROW_BYTES:
+            sizes = [p[self.names[0]].shape[0] for p in parts]
+            self._blocks = [{n: np.concatenate([p[n] for p in parts]) for n in self.names}]
+            self._copied_rows = sum(sizes)
+            self._block_of[needed] = 0
+            self._row0[needed] = np.concatenate([[0], np.cumsum(sizes)[:-1]]) - np.asarray(needed) * self.shard_rows
+        else:
+            self._blocks = parts
+            self._block_of[needed] = np.arange(len(needed))
+            self._row0[needed] = -np.asarray(needed) * self.shard_rows
+        self._held = needed
+
+    def _read_store(self) -> dict[str, np.ndarray]:
+        """Every requested array, whole, read shard by shard into one buffer each."""
+        out = {n: np.empty((self.num_samples, *r.row_shape), r.dtype) for n, r in self._readers.items()}
+        for s in tqdm(range(self.num_shards), desc=f"load {self.store_path.name}", unit="shard", leave=False,
+                      disable=self.num_shards < 64):
             lo, hi = s * self.shard_rows, min(self.num_samples, (s + 1) * self.shard_rows)
-            self._blocks[s] = {n: self.group[n][lo:hi] for n in self.names}
+            for n, r in self._readers.items():
+                r.read_into(s, out[n][lo:hi])
+        return out
+
+    def _shards_of(self, idx: np.ndarray) -> list[int]:
+        return np.flatnonzero(np.bincount(idx // self.shard_rows, minlength=self.num_shards)).tolist()
+
+    def _open_shard(self, s: int) -> dict[str, np.ndarray]:
+        """One shard's arrays: kept memory maps when the files allow, else a whole-shard read."""
+        if s in self._maps:
+            self._maps.move_to_end(s)
+            return self._maps[s]
+        maps = {n: r.map(s, populate=False) for n, r in self._readers.items()}
+        if any(m is None for m in maps.values()):
+            return {n: r.read(s) for n, r in self._readers.items()}
+        self._maps[s] = maps
+        while len(self._maps) * len(self.names) > MAX_MAPPED_SHARDS:
+            self._maps.popitem(last=False)
+        return maps
 
     def _gather(self, idx: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+        """The batch's rows and views. With one block per shard the batch comes grouped by
+        shard (a stable sort), so each group is copied straight into its output slice."""
+        if len(self._blocks) > 1:
+            by_block = np.argsort(self._block_of[idx // self.shard_rows], kind="stable")
+            idx, views = idx[by_block], views[by_block]
+        shard = idx // self.shard_rows
+        local = idx + self._row0[shard]
         batch = {"labels": self.labels[idx], "sample_ids": self.sample_ids[idx]}
-        if self.in_ram:
-            block = self._blocks[0]
-            for n in self.names:
-                batch[n] = block[n][idx, views]
+        if len(self._blocks) == 1:
+            for n, arr in self._blocks[0].items():
+                batch[n] = arr[local, views]
             return batch
-        blk = idx // self.shard_rows
-        local = idx - blk * self.shard_rows
-        groups = [(s, blk == s) for s in np.unique(blk).tolist()]
+        blk = self._block_of[shard]
+        cuts = [0, *(np.flatnonzero(np.diff(blk)) + 1).tolist(), idx.size]
         for n in self.names:
-            ref = self._blocks[groups[0][0]][n]
+            ref = self._blocks[int(blk[0])][n]
             out = np.empty((idx.size, *ref.shape[2:]), ref.dtype)
-            for s, m in groups:
-                out[m] = self._blocks[s][n][local[m], views[m]]
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                arr = self._blocks[int(blk[a])][n]
+                flat = arr.reshape(-1, *arr.shape[2:])  # (sample * view, ...): a view, no copy
+                # mode="clip": indices are valid by construction, and "raise" would buffer `out` (a second copy)
+                np.take(flat, local[a:b] * arr.shape[1] + views[a:b], axis=0, out=out[a:b], mode="clip")
             batch[n] = out
         return batch
 

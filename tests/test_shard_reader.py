@@ -1,0 +1,73 @@
+"""ShardReader: the direct file path returns exactly what zarr returns, and falls back when it must."""
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import ZstdCodec
+
+from fae_pipe.cache import schema
+from fae_pipe.cache.shard_reader import ShardReader
+
+
+def _latent_store(path, n=70, shard=32, chunk=8):
+    group = schema.create_latent_store(path, n, 2, 3, (2, 2), shard, chunk, {}, store_std=True)
+    rng = np.random.default_rng(0)
+    group[schema.LATENTS][:] = rng.standard_normal((n, 2, 3, 2, 2)).astype(np.float16)
+    group[schema.STD][:] = rng.random((n, 2, 3, 2, 2)).astype(np.float16)
+    group[schema.LABELS][:] = rng.integers(0, 5, n)
+    group[schema.SAMPLE_IDS][:] = np.arange(n) * 3
+    group[schema.VALID][:] = rng.random(n) > 0.2
+    return zarr.open_group(str(path), mode="r")
+
+
+def test_direct_reads_equal_zarr_for_every_array_and_shard(tmp_path):
+    group = _latent_store(tmp_path / "l.zarr")  # 70 rows: shards of 32, 32 and a short 6 (one partial chunk)
+    for name in schema.sample_array_names(group):
+        arr, reader = group[name], ShardReader(group[name])
+        assert reader.direct, name
+        for s in range(3):
+            got = reader.read(s)
+            np.testing.assert_array_equal(got, arr[s * 32:(s + 1) * 32])
+            assert got.dtype == arr.dtype
+        assert (reader.direct_reads, reader.zarr_reads) == (3, 0), name
+
+
+def test_compressed_store_is_read_through_zarr(tmp_path):
+    arr = zarr.create_array(str(tmp_path / "c.zarr"), shape=(40, 2, 4), chunks=(4, 2, 4), shards=(20, 2, 4),
+                            dtype="float16", compressors=ZstdCodec(level=1))
+    arr[:] = np.arange(320, dtype=np.float16).reshape(40, 2, 4)
+    reader = ShardReader(zarr.open_array(str(tmp_path / "c.zarr"), mode="r"))
+    assert not reader.direct
+    np.testing.assert_array_equal(reader.read(1), arr[20:40])
+    assert reader.zarr_reads == 1
+
+
+def test_empty_inner_chunks_fall_back_to_zarr_fill_values(tmp_path):
+    arr = zarr.create_array(str(tmp_path / "e.zarr"), shape=(16, 3), chunks=(4, 3), shards=(16, 3),
+                            dtype="float32", fill_value=7, compressors=None, config={"write_empty_chunks": False})
+    arr[8:12] = 1.5  # chunks 0, 1 and 3 are never written: the index marks them empty
+    reader = ShardReader(zarr.open_array(str(tmp_path / "e.zarr"), mode="r"))
+    assert reader.direct
+    got = reader.read(0)
+    assert (reader.direct_reads, reader.zarr_reads) == (0, 1)
+    np.testing.assert_array_equal(got, np.where(np.arange(16)[:, None] // 4 == 2, 1.5, 7.0).repeat(3, 1))
+
+
+def test_corrupt_shard_index_is_not_trusted(tmp_path):
+    group = _latent_store(tmp_path / "l.zarr")
+    victim = schema.shard_file(tmp_path / "l.zarr", group, schema.LATENTS, 1)
+    raw = bytearray(victim.read_bytes())
+    raw[-20] ^= 0xFF  # a bit flip inside the index: its CRC32C no longer matches
+    victim.write_bytes(bytes(raw))
+    reader = ShardReader(group[schema.LATENTS])
+    np.testing.assert_array_equal(reader.read(0), group[schema.LATENTS][:32])
+    with pytest.raises(Exception, match="checksum"):
+        reader.read(1)  # the direct path declines, zarr raises its own checksum error
+    assert reader.direct_reads == 1  # only shard 0 came through the direct path
+
+
+def test_buffer_must_fit_the_shard(tmp_path):
+    group = _latent_store(tmp_path / "l.zarr")
+    reader = ShardReader(group[schema.LATENTS])
+    with pytest.raises(ValueError, match="does not fit"):
+        reader.read_into(2, np.empty((32, 2, 3, 2, 2), np.float16))  # shard 2 holds only 6 rows
