@@ -6,7 +6,8 @@ Both stores (``features.zarr`` written by ``extract``, ``latents.zarr`` written 
 readers share. Every per-sample array is split along ``sample`` into storage shards
 of ``shard_samples`` rows (each written whole by one writer) holding inner chunks of
 ``chunk_samples`` rows (the read granularity). Readers should read whole shards
-(``read_shard``): single-sample reads cost a chunk decode each.
+(``read_shard`` / ``shard_reader.ShardReader``, which read an uncompressed local
+shard file directly): single-sample reads cost a chunk decode each.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from fae_pipe.cache.shard_reader import ShardReader
 from fae_pipe.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -209,8 +211,7 @@ def read_shard(group: zarr.Group, array_name: str, shard_index: int) -> np.ndarr
     n, size = int(group.attrs[A_NUM_SAMPLES]), int(group.attrs[A_SHARD_SAMPLES])
     if not 0 <= shard_index < num_shards(n, size):
         raise IndexError(f"shard {shard_index} out of range: the store has {num_shards(n, size)} shards")
-    start, stop = shard_bounds(n, size, shard_index)
-    return group[array_name][start:stop]
+    return ShardReader(group[array_name]).read(shard_index)
 
 
 def shard_file(store_path, group: zarr.Group, array_name: str, shard_index: int) -> Path:
