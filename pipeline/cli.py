@@ -54,7 +54,10 @@ BENCHES: dict[str, tuple[str, list[str], str, list[click.Parameter]]] = {
                              help="bench a temporary store of N random samples (2 views) shaped CxHxW "
                                   "instead of paths.latents, e.g. 16384x32x16x16 for the paper's latents")]),
     "train-step": ("bench_train_step", ["sit", "encoder", "fae", "data", "paths"],
-                   "SiT steps/s on cached latents vs the online encoder path, with the FLOP-expected ratio.", []),
+                   "SiT steps/s on cached latents vs the online encoder path, with the FLOP-expected ratio.",
+                   [click.Option(["--synthetic"], type=int, default=None, metavar="N",
+                                 help="bench a temporary store of random latents for the first N images of "
+                                      "paths.index, shaped by the configured encoder and FAE, instead of paths.latents")]),
 }
 
 

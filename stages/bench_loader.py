@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fae_pipe.cache import schema
+from fae_pipe.cache.synthetic import write_random_latent_store
 from fae_pipe.data.latents import LatentBatches
 from fae_pipe.data.sharded import ShardedLoader, open_zarr_group
 from fae_pipe.errors import UserError
@@ -92,30 +93,15 @@ def parse_synthetic(spec: str) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
-def write_synthetic_store(path, spec: str, shard_samples: int, chunk_samples: int) -> Path:
-    """A latent store of random fp16 samples (2 views) in the schema's layout, with unit statistics."""
-    n, c, h, w = parse_synthetic(spec)
-    group = schema.create_latent_store(path, n, 2, c, (h, w), min(shard_samples, n), min(chunk_samples, n),
-                                       {schema.A_NUM_CLASSES: 1000})
-    rng = np.random.default_rng(0)
-    for lo in range(0, n, shard_samples):  # one whole shard per write
-        hi = min(n, lo + shard_samples)
-        group[schema.LATENTS][lo:hi] = rng.standard_normal((hi - lo, 2, c, h, w), np.float32).astype(np.float16)
-    group[schema.LABELS][:] = rng.integers(0, 1000, n)
-    group[schema.SAMPLE_IDS][:] = np.arange(n)
-    group[schema.VALID][:] = True
-    group.attrs.update({schema.A_CHANNEL_MEAN: [0.0] * c, schema.A_CHANNEL_STD: [1.0] * c})
-    return Path(path)
-
-
 def run(cfg, synthetic: str | None = None, min_samples: int = MIN_SAMPLES, repeats: int = REPEATS) -> dict:
     """Measure, print, write ``bench_loader.json``; smaller ``min_samples``/``repeats`` give a quick run."""
     if synthetic is None:
         return _run(cfg, Path(cfg.paths.latents), min_samples, repeats)
-    parse_synthetic(synthetic)
     with tempfile.TemporaryDirectory(prefix="bench-loader-store-") as tmp:
+        n, c, h, w = parse_synthetic(synthetic)
         x = cfg.extract  # encode keeps the feature store's shard layout
-        path = write_synthetic_store(Path(tmp) / "latents.zarr", synthetic, x.shard_samples, x.chunk_samples)
+        path = write_random_latent_store(Path(tmp) / "latents.zarr", (n, 2, c, h, w), x.shard_samples,
+                                         x.chunk_samples)
         return _run(cfg, path, min_samples, repeats)
 
 

@@ -220,9 +220,9 @@ def test_bench_loader_synthetic_store_through_the_cli(tmp_path):
     import subprocess
     import sys
 
-    from fae_pipe.stages.bench_loader import write_synthetic_store
+    from fae_pipe.cache.synthetic import write_random_latent_store
 
-    store = write_synthetic_store(tmp_path / "s.zarr", "40x3x2x2", shard_samples=16, chunk_samples=8)
+    store = write_random_latent_store(tmp_path / "s.zarr", (40, 2, 3, 2, 2), shard_samples=16, chunk_samples=8)
     data = LatentBatches(store, 4, seed=0)  # a store training accepts: stats, labels, valid
     assert data.info.shape == (3, 2, 2) and data.info.views == 2 and data.loader.num_shards == 3
     cli = [sys.executable, "-m", "fae_pipe.cli", "bench", "loader", "--paths-metrics", str(tmp_path),
