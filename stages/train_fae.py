@@ -22,7 +22,7 @@ from fae_pipe.config import Config
 from fae_pipe.errors import UserError
 from fae_pipe.fae.data import feature_split, open_feature_store, read_rows
 from fae_pipe.fae.evaluation import feature_metrics
-from fae_pipe.fae.export import FAE_FILE, FAE_FORMAT, atomic_torch_save
+from fae_pipe.fae.export import FAE_FILE, FAE_FORMAT, save_unless_same_weights
 from fae_pipe.fae.loop import make_loader, per_process_batch, progress_bar, save_training_state, start_or_resume
 from fae_pipe.fae.losses import feature_loss
 from fae_pipe.fae.train_module import FeatureAutoencoderModule
@@ -55,13 +55,18 @@ def build_module(family: str, dim: int, grid) -> tuple[FeatureAutoencoderModule,
 
 def export(path: Path, weights: FeatureAutoencoderModule, names: dict, family: str, grid, dim: int, cfg: Config,
            source: dict, step: int, metrics: dict) -> None:
-    atomic_torch_save({
+    payload = {
         "format": FAE_FORMAT, "family": family, "models": names,
         "encoder": weights.encoder.state_dict(), "feature_decoder": weights.feature_decoder.state_dict(),
         "grid": [int(grid[0]), int(grid[1])], "feature_dim": int(dim),
         "latent_channels": int(weights.encoder.latent_channels), "ema": cfg.fae.ema_decay > 0,
         "steps": int(step), "config": cfg.to_dict(), "source_features": source, "metrics": metrics,
-    }, path)
+    }
+    if not save_unless_same_weights(payload, path, ("format", "family", "models", "encoder", "feature_decoder",
+                                                     "grid", "feature_dim", "latent_channels", "steps",
+                                                     "source_features")):
+        print(f"{STAGE}: {path} already holds these weights: kept, so its fingerprint (and the latents, "
+              "statistics and SiT checkpoints pinned to it) stay valid", file=sys.stderr)
 
 
 def run(cfg: Config, resume: str | None = None) -> None:

@@ -81,3 +81,31 @@ def test_exp_run_with_a_sit_setting_reruns_only_sit_and_after(project):
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train-sit", "sample", "evaluate"}, out[-2000:]
     assert json.loads((root / "metrics/sit.json").read_text())["steps"] == 10
+
+
+def _ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def test_a_code_edit_that_changes_no_weights_keeps_the_fae_and_everything_pinned_to_it(project):
+    root, _ = project
+    fae = root / "runs/fae/fae.pt"
+    before = fae.read_bytes()
+    with open(root / "pipeline/fae/loop.py", "a") as f:
+        f.write("\n# an edit that changes no computation\n")
+    ran = _ran(_run(["dvc", "repro"], root))
+    # encode runs too (it imports pipeline/fae) but finds its store complete under the same
+    # config hash, so the latents do not change and SiT is not retrained
+    assert "train-fae" in ran and "train-sit" not in ran, ran
+    assert fae.read_bytes() == before
+
+
+def test_exp_run_with_an_fae_setting_rebuilds_the_latents_and_retrains_sit(project):
+    from fae_pipe.training.checkpoint import file_fingerprint
+
+    root, _ = project
+    ran = _ran(_run(["dvc", "exp", "run", "-S", "fae.steps=10"], root))
+    assert {"train-fae", "encode", "train-sit", "sample", "evaluate"} <= ran, ran
+    latents = zarr.open_group(str(root / "cache/latents.zarr"), mode="r")
+    assert latents.attrs["fae_fingerprint"] == file_fingerprint(root / "runs/fae/fae.pt")
+    assert json.loads((root / "metrics/fae.json").read_text())["steps"] == 10

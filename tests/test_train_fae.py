@@ -114,6 +114,23 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     for part in ("encoder", "feature_decoder"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert rows(tmp_path / "ref" / "loss.csv") == rows(tmp_path / "cut" / "loss.csv")
+    before = (tmp_path / "ref" / "fae.pt").read_bytes()
+    train_fae.run(load_config(ref_cfg), resume="latest")  # finished: trains nothing (as dvc repro after a code edit)
+    assert (tmp_path / "ref" / "fae.pt").read_bytes() == before  # same file, so its fingerprint still holds
+
+
+def test_an_export_with_the_same_weights_is_not_rewritten(tmp_path):
+    from fae_pipe.fae.export import save_unless_same_weights
+
+    path = tmp_path / "m.pt"
+    assert save_unless_same_weights({"w": {"a": torch.ones(2)}, "wall": 1.0}, path, ("w",))
+    first = path.read_bytes()
+    assert not save_unless_same_weights({"w": {"a": torch.ones(2)}, "wall": 2.0}, path, ("w",))
+    assert path.read_bytes() == first
+    assert not save_unless_same_weights({"w": {"a": torch.ones(2)}}, path, ("w",))
+    assert save_unless_same_weights({"w": {"a": torch.tensor([1.0, 2.0])}, "wall": 3.0}, path, ("w",))
+    assert torch.load(path, weights_only=False)["wall"] == 3.0
+    assert save_unless_same_weights({"w": {"a": torch.tensor([1, 2])}, "wall": 4.0}, path, ("w",))  # dtype differs
 
 
 def test_nan_in_the_data_stops_with_the_documented_message(data, tmp_path):

@@ -44,6 +44,34 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
     return path
 
 
+def save_unless_same_weights(payload: dict, path: str | Path, weight_keys: tuple[str, ...]) -> bool:
+    """Write ``payload`` unless ``path`` already holds the same weights; True when written.
+
+    Why: downstream artefacts pin an export by its sha256 (the latent store's config
+    hash, ``latent_stats.json``, every SiT checkpoint). A re-run that trains nothing,
+    e.g. ``dvc repro`` after a code change resuming a finished run, must not give the
+    same model a new fingerprint through run-specific fields such as wall time.
+    """
+    path = Path(path)
+    if path.is_file():
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # unreadable: replace it
+            old = None
+        if isinstance(old, dict) and all(_same(old.get(k), payload[k]) for k in weight_keys):
+            return False
+    atomic_torch_save(payload, path)
+    return True
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
 def atomic_write_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
