@@ -26,10 +26,11 @@ def test_direct_reads_equal_zarr_for_every_array_and_shard(tmp_path):
         arr, reader = group[name], ShardReader(group[name])
         assert reader.direct, name
         for s in range(3):
-            got = reader.read(s)
+            got, mapped = reader.read(s), reader.map(s)
             np.testing.assert_array_equal(got, arr[s * 32:(s + 1) * 32])
-            assert got.dtype == arr.dtype
-        assert (reader.direct_reads, reader.zarr_reads) == (3, 0), name
+            np.testing.assert_array_equal(mapped, got)
+            assert got.dtype == mapped.dtype == arr.dtype and not mapped.flags.writeable
+        assert (reader.direct_reads, reader.zarr_reads) == (6, 0), name
 
 
 def test_compressed_store_is_read_through_zarr(tmp_path):
@@ -37,7 +38,7 @@ def test_compressed_store_is_read_through_zarr(tmp_path):
                             dtype="float16", compressors=ZstdCodec(level=1))
     arr[:] = np.arange(320, dtype=np.float16).reshape(40, 2, 4)
     reader = ShardReader(zarr.open_array(str(tmp_path / "c.zarr"), mode="r"))
-    assert not reader.direct
+    assert not reader.direct and reader.map(1) is None
     np.testing.assert_array_equal(reader.read(1), arr[20:40])
     assert reader.zarr_reads == 1
 
@@ -47,7 +48,7 @@ def test_empty_inner_chunks_fall_back_to_zarr_fill_values(tmp_path):
                             dtype="float32", fill_value=7, compressors=None, config={"write_empty_chunks": False})
     arr[8:12] = 1.5  # chunks 0, 1 and 3 are never written: the index marks them empty
     reader = ShardReader(zarr.open_array(str(tmp_path / "e.zarr"), mode="r"))
-    assert reader.direct
+    assert reader.direct and reader.map(0) is None  # the index says chunk 0 is empty
     got = reader.read(0)
     assert (reader.direct_reads, reader.zarr_reads) == (0, 1)
     np.testing.assert_array_equal(got, np.where(np.arange(16)[:, None] // 4 == 2, 1.5, 7.0).repeat(3, 1))

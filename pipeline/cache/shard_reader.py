@@ -7,7 +7,8 @@ path costs a decode per inner chunk plus its async machinery, which dominates fo
 small latents (a 256-sample demo shard took ~1 ms through zarr; one ``readinto``
 takes tens of microseconds). This module reads the file directly when the layout
 allows it and checks the shard index (its CRC32C and that every inner chunk sits
-where the C-order layout says) before trusting the bytes; anything else, such as a
+where the C-order layout says) before trusting the bytes, and can also memory-map
+the shard so a reader pays only for the rows it touches; anything else, such as a
 compressed or remote store, an empty chunk or a reordered shard, is read through
 zarr instead, so the result is always what ``array[lo:hi]`` returns.
 """
@@ -91,16 +92,14 @@ class ShardReader:
         self.read_into(shard_index, out)
         return out
 
-    def map(self, shard_index: int, populate: bool = True) -> np.ndarray | None:
+    def map(self, shard_index: int) -> np.ndarray | None:
         """The shard's rows as a read-only array over a memory map of its file, or None.
 
         Nothing is copied: a reader touching only some rows (one view of a batch's
-        samples) reads only those bytes. ``populate`` maps every page up front
-        (``MAP_POPULATE``: one call instead of a page fault per 4 KiB touched, about
-        half the gather time on page-cache-warm shards, but it waits for uncached
-        pages); without it, ``MADV_WILLNEED`` asks the kernel to start reading the
-        shard in the background and returns at once (use that to read ahead). None
-        when the direct path is not possible for this shard (then use ``read``).
+        samples) reads only those pages, and ``MADV_WILLNEED`` asks the kernel to
+        start reading the whole shard in the background (so mapping the next window
+        early is a read-ahead). None when the direct path is not possible for this
+        shard (then use ``read``).
         """
         if not self.direct:
             return None
@@ -109,15 +108,14 @@ class ShardReader:
             with open(self._shard_path(shard_index), "rb", buffering=0) as f:
                 if not self._layout_ok(f, hi - lo):
                     return None
-                flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-                mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+                mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except FileNotFoundError:
             return None
-        if not populate and hasattr(mmap, "MADV_WILLNEED"):
+        if hasattr(mmap, "MADV_WILLNEED"):
             mm.madvise(mmap.MADV_WILLNEED)
-        count = (hi - lo) * int(np.prod(self.row_shape, dtype=np.int64))
         self.direct_reads += 1
-        return np.frombuffer(mm, self.dtype, count=count).reshape(hi - lo, *self.row_shape)
+        return np.frombuffer(mm, self.dtype, count=(hi - lo) * self.row_nbytes // self.dtype.itemsize).reshape(
+            hi - lo, *self.row_shape)
 
     def _shard_path(self, shard_index: int) -> Path:
         return self._root / self.array.metadata.chunk_key_encoding.encode_chunk_key(

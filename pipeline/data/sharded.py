@@ -218,7 +218,7 @@ class ShardedLoader:
         if s in self._maps:
             self._maps.move_to_end(s)
             return self._maps[s]
-        maps = {n: r.map(s, populate=False) for n, r in self._readers.items()}
+        maps = {n: r.map(s) for n, r in self._readers.items()}
         if any(m is None for m in maps.values()):
             return {n: r.read(s) for n, r in self._readers.items()}
         self._maps[s] = maps
