@@ -1,0 +1,203 @@
+"""dvc.yaml's deps are complete: no edit to code or upstream data can leave an artefact silently stale.
+
+For every stage, ``fae-pipe <command>`` names a stage module (``fae_pipe.cli.COMMANDS``);
+its import closure within ``fae_pipe`` is computed statically (module-level and
+function-local imports, relative imports, the ``__init__.py`` of every package on
+the way, and string literals naming a module: ``importlib.import_module("fae_pipe.x")``
+or the model registry's ``"fae_pipe.models.sit:SiT"`` builders). Every file of the
+closure must be covered by a dep (the file or an ancestor directory). Every
+``paths.<key>`` the closure uses that names another stage's output must be a dep
+(``${paths.key}`` or a file under it); ``Path(paths.key) / NAME`` is resolved to
+``${paths.key}/NAME`` when NAME is a string literal or a module constant. A key the
+stage itself writes under is its output namespace, not an input. Deps are compared
+as raw template strings; module files come from setup.cfg's ``package_dir``.
+"""
+
+import ast
+import configparser
+import copy
+import re
+import shlex
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fae_pipe.cli import COMMANDS
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_STRING = re.compile(r"(fae_pipe(?:\.\w+)*)(?::\w+)?")
+
+
+def _package_dirs() -> dict[str, str]:
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(REPO / "setup.cfg")
+    lines = [line.partition("=") for line in cfg["options"]["package_dir"].strip().splitlines()]
+    return {pkg.strip(): d.strip() for pkg, _, d in lines}
+
+
+PACKAGE_DIRS = _package_dirs()  # {"fae_pipe": "pipeline", "fae_pipe.stages": "stages"}
+
+
+@lru_cache(maxsize=None)
+def module_file(module: str) -> str | None:
+    """Repository-relative file of a fae_pipe module (package -> its __init__.py), or None."""
+    pkg = max((p for p in PACKAGE_DIRS if module == p or module.startswith(p + ".")), key=len, default=None)
+    if pkg is None:
+        return None
+    base = Path(PACKAGE_DIRS[pkg], *module[len(pkg):].split(".")[1:])
+    for cand in (base / "__init__.py", base.with_suffix(".py")):
+        if (REPO / cand).is_file():
+            return cand.as_posix()
+    return None
+
+
+@lru_cache(maxsize=None)
+def parse(module: str) -> ast.Module:
+    return ast.parse((REPO / module_file(module)).read_text(), module_file(module))
+
+
+def from_base(module: str, node: ast.ImportFrom) -> str:
+    """The absolute module of ``from <base> import ...`` (relative levels resolved)."""
+    package = (module if module_file(module).endswith("__init__.py") else module.rpartition(".")[0]).split(".")
+    parent = ".".join(package[:len(package) - node.level + 1]) if node.level else ""
+    return ".".join(p for p in (parent, node.module) if p)
+
+
+@lru_cache(maxsize=None)
+def imported_modules(module: str) -> set[str]:
+    """fae_pipe modules one module imports, anywhere in its body (lazy imports included)."""
+    found = set()
+    for node in ast.walk(parse(module)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = from_base(module, node)
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import submodule`
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_STRING.fullmatch(node.value):
+            found.add(MODULE_STRING.fullmatch(node.value).group(1))
+    return {m for m in found if module_file(m)}
+
+
+def closure(root: str) -> dict[str, str]:
+    """Every fae_pipe module importing ``root`` runs -> the module that imports it (root -> itself)."""
+    via, todo = {}, [(root, root)]
+    while todo:
+        mod, importer = todo.pop(0)
+        parts = mod.split(".")
+        for m in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):  # parent packages run first
+            if module_file(m) and m not in via:
+                via[m] = importer
+                todo += [(sub, m) for sub in imported_modules(m)]
+    return via
+
+
+@lru_cache(maxsize=None)
+def path_uses(module: str) -> set[tuple[str, str | None]]:
+    """(key, sub-path or None) for each ``paths.key`` / ``x.paths.key`` (``Path(..) / NAME`` resolved)."""
+    consts = {a.asname or a.name: constant(from_base(module, n), a.name) for n in ast.walk(parse(module))
+              if isinstance(n, ast.ImportFrom) for a in n.names}
+    consts.update({name: constant(module, name) for name in assignments(module)})
+
+    def is_use(n):
+        return isinstance(n, ast.Attribute) and (isinstance(n.value, ast.Name) and n.value.id == "paths"
+                                                 or isinstance(n.value, ast.Attribute) and n.value.attr == "paths")
+    uses, seen = set(), set()
+    for n in ast.walk(parse(module)):
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
+            left = n.left.args[0] if isinstance(n.left, ast.Call) and n.left.args else n.left
+            sub = n.right.value if isinstance(n.right, ast.Constant) else consts.get(getattr(n.right, "id", None))
+            if is_use(left) and isinstance(sub, str):
+                uses.add((left.attr, sub))
+                seen.add(id(left))
+    return uses | {(n.attr, None) for n in ast.walk(parse(module)) if is_use(n) and id(n) not in seen}
+
+
+def assignments(module: str) -> dict[str, ast.expr]:
+    return {t.id: n.value for n in parse(module).body if isinstance(n, ast.Assign)
+            for t in n.targets if isinstance(t, ast.Name)}
+
+
+def constant(module: str, name: str) -> str | None:
+    """The value of ``module.name`` when it is a module-level string literal."""
+    value = assignments(module).get(name) if module_file(module) else None
+    return value.value if isinstance(value, ast.Constant) and isinstance(value.value, str) else None
+
+
+def covers(dep: str, target: str) -> bool:
+    return target == dep or target.startswith(dep.rstrip("/") + "/")
+
+
+def entries(stage: dict, *sections: str) -> list[str]:
+    return [e if isinstance(e, str) else next(iter(e)) for s in sections for e in stage.get(s) or []]
+
+
+def stage_module(stage: dict) -> str:
+    argv = shlex.split(stage["cmd"])
+    assert argv[0] == "fae-pipe" and argv[1] in COMMANDS, f"not a fae-pipe stage command: {stage['cmd']}"
+    return f"fae_pipe.stages.{COMMANDS[argv[1]][0]}"
+
+
+def missing_deps(dvc: dict) -> list[str]:
+    """One line per dep a stage lacks: a closure file, or an upstream artefact it reads."""
+    problems = []
+    outputs = {name: entries(st, "outs", "metrics", "plots") for name, st in dvc["stages"].items()}
+    for name, stage in dvc["stages"].items():
+        deps, own = entries(stage, "deps"), outputs[name]
+        others = [o for other, outs in outputs.items() if other != name for o in outs]
+        mods = closure(stage_module(stage))
+        for mod, importer in sorted(mods.items(), key=lambda kv: module_file(kv[0])):
+            if not any(covers(d, module_file(mod)) for d in deps):
+                problems.append(f"dvc.yaml stage '{name}' does not depend on {module_file(mod)} (imported via {importer})")
+        for mod in sorted(mods):
+            for key, sub in sorted(path_uses(mod), key=str):
+                target = f"${{paths.{key}}}" + (f"/{sub}" if sub else "")
+                if any(covers(o, target) if sub else covers(target, o) for o in own):
+                    continue  # the stage writes there
+                upstream = any(covers(target, o) or covers(o, target) for o in others)
+                if upstream and not any(covers(d, target) or covers(target, d) for d in deps):
+                    problems.append(f"dvc.yaml stage '{name}' does not depend on {target} (paths.{key} used in {mod})")
+    return list(dict.fromkeys(problems))
+
+
+def load_dvc() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_dvc_yaml_lists_every_code_and_data_dep():
+    problems = missing_deps(load_dvc())
+    assert not problems, "incomplete dvc.yaml deps:\n" + "\n".join(problems)
+
+
+def test_dvc_yaml_code_deps_exist():
+    stale = [f"dvc.yaml stage '{name}' lists {d}, which does not exist" for name, st in load_dvc()["stages"].items()
+             for d in entries(st, "deps") if "${" not in d and not (REPO / d).exists()]
+    assert not stale, "stale dvc.yaml deps (moved or deleted?):\n" + "\n".join(stale)
+
+
+def test_closure_follows_lazy_and_string_imports():
+    sample, sit = closure("fae_pipe.stages.sample"), closure("fae_pipe.stages.train_sit")
+    assert sample["fae_pipe.cache.schema"] == "fae_pipe.stages.sample"  # imported inside class_names()
+    assert sit["fae_pipe.models.sit"] == "fae_pipe.models.registry"  # "fae_pipe.models.sit:SiT" builder
+    assert "fae_pipe" in sit and "fae_pipe.stages" in sit and "fae_pipe.encoders" not in sit
+    assert ("latents", None) in path_uses("fae_pipe.stages.sample")
+    assert ("fae_run", "fae.pt") in path_uses("fae_pipe.stages.encode")  # Path(..) / FAE_FILE
+
+
+@pytest.mark.parametrize("stage, removed, expected", [
+    ("encode", "pipeline/models/fae_encoder.py",
+     "dvc.yaml stage 'encode' does not depend on pipeline/models/fae_encoder.py (imported via fae_pipe."),
+    ("encode", "${paths.fae_run}/fae.pt",
+     "dvc.yaml stage 'encode' does not depend on ${paths.fae_run}/fae.pt (paths.fae_run used in fae_pipe.stages.encode)"),
+    ("sample", "${paths.latents}",
+     "dvc.yaml stage 'sample' does not depend on ${paths.latents} (paths.latents used in fae_pipe.stages.sample)"),
+], ids=["encode-code", "encode-data", "sample-data"])
+def test_checker_reports_a_removed_dep(stage, removed, expected):
+    dvc = load_dvc()
+    broken = copy.deepcopy(dvc)  # an in-memory copy; dvc.yaml itself is not touched
+    broken["stages"][stage]["deps"] = [d for d in entries(broken["stages"][stage], "deps") if not covers(d, removed)]
+    problems = [p for p in missing_deps(broken) if p not in missing_deps(dvc)]
+    assert any(p.startswith(expected) for p in problems), problems
+    assert all(p.startswith(f"dvc.yaml stage '{stage}' ") for p in problems), problems
