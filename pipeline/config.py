@@ -61,7 +61,7 @@ class Data:
 
 
 @dataclass
-class Encoder:
+class ImageEncoder:
     name: str = F("vit_giant_patch14_dinov2", "timm DINOv2 model name")
     weights: str = F("hub", "'hub' (timm pretrained), 'random' (explicit, for tests/demo) or a local file")
     input_size: int = F(224, "encoder input side in pixels (multiple of 14)", min=14)
@@ -81,27 +81,52 @@ class Extract:
 
 
 @dataclass
-class Fae:
-    model: str = F("fae_dinov2_g", "registry name of the FAE (encoder + feature decoder + pixel decoder)")
-    beta: float = F(1e-4, "KL weight in L2(x_hat, x) + beta * KL", min=0.0)
+class Train:
+    """The loop settings every training stage shares; ``fae_pipe.training`` is their one reader.
+
+    Each training section holds one (``fae.train``, ``decoder.train``, ``sit.train``)
+    with that stage's paper defaults, so a new generator adds a section, not a
+    fourth copy of these keys.
+    """
+
     steps: int = F(1_000_000, "optimizer steps", min=1)
-    batch_size: int = F(1024, "global batch size", min=1)
+    batch_size: int = F(512, "global batch size (all processes, after accumulation)", min=1)
+    grad_accum: int = F(1, "gradient accumulation steps", min=1)
     lr: float = F(1e-4, "AdamW learning rate", min=0.0)
     weight_decay: float = F(0.0, "AdamW weight decay", min=0.0)
-    warmup: int = F(1000, "linear warm-up steps before the cosine decay", min=0)
+    schedule: str = F("cosine", "learning rate after the warm-up", choices=["cosine", "constant"])
+    warmup: int = F(1000, "linear warm-up steps", min=0)
     ema_decay: float = F(0.0, "EMA decay; 0 disables EMA", min=0.0, max=1.0)
     grad_clip: float = F(1.0, "max gradient norm; 0 disables clipping", min=0.0)
+    precision: str = F("bf16", "mixed precision (fp32 = none; fp16 on CUDA only)", choices=["fp32", "bf16", "fp16"])
+    seed: int = F(0, "training seed", min=0)
     checkpoint_every: int = F(10_000, "steps between checkpoints", min=1)
     keep_last: int = F(2, "checkpoints kept (the newest)", min=1)
     eval_every: int = F(10_000, "steps between held-out evaluations", min=1)
-    precision: str = F("bf16", "mixed precision (fp32 = none)", choices=["fp32", "bf16", "fp16"])
-    seed: int = F(0, "training seed", min=0)
+    log_every: int = F(50, "steps between loss reductions, finiteness checks and log rows", min=1)
+    log_with: str = F("tensorboard", "Accelerate tracker beside loss.csv (skipped with a note when not installed)",
+                      choices=["tensorboard", "wandb", "mlflow", "aim", "none"])
+    memory_budget_gb: float = F(4.0, "hold the whole store in RAM when it fits this budget, else stream shards",
+                                min=0.0)
+    shuffle_buffer: int = F(8, "storage shards mixed in the streaming shuffle buffer", min=1)
+
+
+def T(help: str, **defaults):  # noqa: A002
+    """A nested ``Train`` field whose defaults are one stage's paper settings."""
+    return field(default_factory=lambda: Train(**defaults), metadata={"help": help})
+
+
+@dataclass
+class Fae:
+    model: str = F("fae_dinov2_g", "registry name of the FAE (encoder + feature decoder + pixel decoder)")
+    beta: float = F(1e-4, "KL weight in L2(x_hat, x) + beta * KL", min=0.0)
+    train: Train = T("train-fae loop", steps=1_000_000, batch_size=1024)
 
 
 @dataclass
 class Decoder:
-    stage: int = F(1, "1: noisy real features x + N(0, sigma^2); 2: fine-tune on x_hat", choices=[1, 2])
-    noise_sigma: float = F(0.4, "stage-1 noise std relative to the per-token feature RMS", min=0.0)
+    phase: int = F(1, "1: noisy real features x + N(0, sigma^2); 2: fine-tune on x_hat", choices=[1, 2])
+    noise_sigma: float = F(0.4, "phase-1 noise std relative to the per-token feature RMS", min=0.0)
     rec_loss: str = F("l1", "pixel reconstruction loss", choices=["l1", "l2"])
     lpips_weight: float = F(1.0, "LPIPS weight", min=0.0)
     lpips_backbone: str = F("vgg", "LPIPS backbone; random only for tests/demo", choices=["vgg", "alex", "random"])
@@ -110,19 +135,8 @@ class Decoder:
     gan_start: int = F(500_000, "step at which the GAN term switches on", min=0)
     discriminator: str = F("patchgan", "registry name of the discriminator")
     disc_lr: float = F(1e-4, "discriminator learning rate", min=0.0)
-    steps: int = F(1_000_000, "optimizer steps", min=1)
-    batch_size: int = F(512, "global batch size", min=1)
-    lr: float = F(1e-4, "AdamW learning rate", min=0.0)
-    weight_decay: float = F(0.0, "AdamW weight decay", min=0.0)
-    warmup: int = F(1000, "linear warm-up steps before the cosine decay", min=0)
-    ema_decay: float = F(0.0, "EMA decay; 0 disables EMA", min=0.0, max=1.0)
-    grad_clip: float = F(1.0, "max gradient norm; 0 disables clipping", min=0.0)
-    checkpoint_every: int = F(10_000, "steps between checkpoints", min=1)
-    keep_last: int = F(2, "checkpoints kept (the newest)", min=1)
-    eval_every: int = F(10_000, "steps between held-out evaluations", min=1)
     eval_images: int = F(64, "held-out images for PSNR/LPIPS and the grid", min=1)
-    precision: str = F("bf16", "mixed precision (fp32 = none)", choices=["fp32", "bf16", "fp16"])
-    seed: int = F(0, "training seed", min=0)
+    train: Train = T("train-decoder loop", steps=1_000_000, batch_size=512)
 
 
 @dataclass
@@ -140,14 +154,6 @@ class Encode:
 class Sit:
     model: str = F("sit_xl", "registry name of the SiT backbone")
     patch_size: int = F(1, "patch size on the latent grid", min=1)
-    steps: int = F(2_000_000, "optimizer steps", min=1)
-    batch_size: int = F(512, "global batch size (all processes, after accumulation)", min=1)
-    grad_accum: int = F(1, "gradient accumulation steps", min=1)
-    lr: float = F(1e-4, "AdamW learning rate", min=0.0)
-    weight_decay: float = F(0.0, "AdamW weight decay", min=0.0)
-    warmup: int = F(0, "linear warm-up steps, then constant", min=0)
-    ema_decay: float = F(0.9999, "EMA decay; 0 disables EMA", min=0.0, max=1.0)
-    grad_clip: float = F(1.0, "max gradient norm; 0 disables clipping", min=0.0)
     label_dropout: float = F(0.1, "probability of replacing the label by the null class", min=0.0, max=1.0)
     time_dist: str = F("uniform", "training time distribution", choices=["uniform", "logit_normal"])
     time_mean: float = F(0.0, "logit-normal mean")
@@ -155,12 +161,14 @@ class Sit:
     shift_mode: str = F("scalar", "timestep shift form", choices=["none", "scalar", "dim"])
     shift: float = F(0.4, "scalar timestep shift (shift_mode=scalar)", min=0.0)
     shift_base_dim: int = F(4096, "base dimension n in a = sqrt(m / n) (shift_mode=dim)", min=1)
-    checkpoint_every: int = F(50_000, "steps between checkpoints", min=1)
-    keep_last: int = F(3, "checkpoints kept (the newest)", min=1)
-    memory_budget_gb: float = F(64.0, "hold the whole latent store in RAM when it fits this budget", min=0.0)
-    shuffle_buffer: int = F(8, "storage shards mixed in the streaming shuffle buffer", min=1)
-    precision: str = F("bf16", "mixed precision (fp32 = none)", choices=["fp32", "bf16"])
-    seed: int = F(0, "training seed", min=0)
+    train: Train = T("train-sit loop", steps=2_000_000, batch_size=512, schedule="constant", warmup=0,
+                     ema_decay=0.9999, checkpoint_every=50_000, keep_last=3, memory_budget_gb=64.0)
+
+
+@dataclass
+class Runtime:
+    attention: str = F("sdpa", "attention kernel: sdpa (PyTorch, every device) or xformers (CUDA tensors only; "
+                       "needs the cuda extra)", choices=["sdpa", "xformers"])
 
 
 @dataclass
@@ -199,7 +207,7 @@ class Probe:
 class Config:
     paths: Paths = field(default_factory=Paths)
     data: Data = field(default_factory=Data)
-    encoder: Encoder = field(default_factory=Encoder)
+    image_encoder: ImageEncoder = field(default_factory=ImageEncoder)
     extract: Extract = field(default_factory=Extract)
     fae: Fae = field(default_factory=Fae)
     decoder: Decoder = field(default_factory=Decoder)
@@ -208,31 +216,70 @@ class Config:
     sample: Sample = field(default_factory=Sample)
     evaluate: Evaluate = field(default_factory=Evaluate)
     probe: Probe = field(default_factory=Probe)
+    runtime: Runtime = field(default_factory=Runtime)
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     def to_dict(self) -> dict:
         return {s: dataclasses.asdict(getattr(self, s)) for s in section_names()}
-
-    def section_dict(self, *names: str) -> dict:
-        return {s: dataclasses.asdict(getattr(self, s)) for s in names}
 
 
 def section_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
 
 
-def section_fields(section: str) -> list[dataclasses.Field]:
-    cls = typing.get_type_hints(Config)[section]
-    return list(dataclasses.fields(cls))
+def _is_group(cls, f: dataclasses.Field) -> bool:
+    return dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])
+
+
+def iter_keys(section: str) -> list[tuple[str, dataclasses.Field]]:
+    """Every leaf key of ``section`` as ``(dotted key, field)``, nested groups flattened (``sit.train.lr``)."""
+    out: list[tuple[str, dataclasses.Field]] = []
+
+    def walk(cls, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            if _is_group(cls, f):
+                walk(typing.get_type_hints(cls)[f.name], f"{prefix}.{f.name}")
+            else:
+                out.append((f"{prefix}.{f.name}", f))
+
+    walk(typing.get_type_hints(Config)[section], section)
+    return out
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    """The value of a dotted key (``fae.train.lr``)."""
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# Keys of earlier releases -> their names now; a user's old config gets a one-line pointer.
+RENAMED_SECTIONS = {"encoder": "image_encoder"}
+RENAMED_KEYS = {"decoder.stage": "decoder.phase"}
+MOVED_TO_TRAIN = ("fae", "decoder", "sit")  # flat loop keys of these sections now live in <section>.train
+
+
+def renamed(key: str) -> str | None:
+    """The current name of a key written for an earlier release, or None."""
+    parts = key.split(".")
+    if parts[0] in RENAMED_SECTIONS:
+        return ".".join([RENAMED_SECTIONS[parts[0]], *parts[1:]])
+    if key in RENAMED_KEYS:
+        return RENAMED_KEYS[key]
+    train_keys = {f.name for f in dataclasses.fields(Train)}
+    if len(parts) == 2 and parts[0] in MOVED_TO_TRAIN and parts[1] in train_keys:
+        return f"{parts[0]}.train.{parts[1]}"
+    return None
 
 
 def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list"}[tp]
 
 
-def coerce(key: str, value: Any, f: dataclasses.Field, where: str = "") -> Any:
-    """Convert ``value`` to the type of field ``f`` and check its constraints."""
-    hints = typing.get_type_hints(_owner(key))
+def coerce(key: str, value: Any, f: dataclasses.Field, where: str, owner) -> Any:
+    """Convert ``value`` to the type of field ``f`` (of dataclass ``owner``) and check its constraints."""
+    hints = typing.get_type_hints(owner)
     tp = hints[f.name]
     meta = f.metadata
     loc = f" ({where})" if where else ""
@@ -291,21 +338,69 @@ def coerce(key: str, value: Any, f: dataclasses.Field, where: str = "") -> Any:
     return value
 
 
-def _owner(key: str):
-    section = key.split(".")[0]
-    return typing.get_type_hints(Config)[section]
-
-
-def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+def _resolve(key: str, where: str) -> tuple[Any, dataclasses.Field]:
+    """The dataclass *type* owning the leaf ``key`` and its field; a one-line error for unknown keys."""
     parts = key.split(".")
     sections = section_names()
-    if len(parts) != 2 or parts[0] not in sections:
+    new = renamed(key)
+    if new is not None:
+        raise UserError(f"config error ({where}): key '{key}' was renamed: use '{new}'")
+    if len(parts) < 2 or parts[0] not in sections:
         raise UserError(f"config error ({where}): unknown key '{key}'; sections are: {', '.join(sections)}")
-    section, name = parts
-    fields = {f.name: f for f in section_fields(section)}
-    if name not in fields:
-        raise UserError(f"config error ({where}): unknown key '{key}'; valid keys in '{section}': {', '.join(fields)}")
-    setattr(getattr(cfg, section), name, coerce(key, value, fields[name], where))
+    cls = typing.get_type_hints(Config)[parts[0]]
+    for i, name in enumerate(parts[1:], start=1):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            here = ".".join(parts[:i])
+            raise UserError(f"config error ({where}): unknown key '{key}'; valid keys in '{here}': "
+                            f"{', '.join(fields)}")
+        f = fields[name]
+        last = i == len(parts) - 1
+        if _is_group(cls, f):
+            if last:
+                raise UserError(f"config error ({where}): '{key}' is a group of keys; set one of "
+                                f"{', '.join(k for k, _ in iter_keys(parts[0]) if k.startswith(key + '.'))}")
+            cls = typing.get_type_hints(cls)[name]
+        elif not last:
+            raise UserError(f"config error ({where}): unknown key '{key}': '{'.'.join(parts[:i + 1])}' is a value, "
+                            "not a group")
+        else:
+            return cls, f
+    raise AssertionError(key)
+
+
+def set_key(cfg: Config, key: str, value: Any, where: str = "command line") -> None:
+    """Validate ``value`` for the dotted ``key`` and set it (the one validation path of every command)."""
+    owner, f = _resolve(key, where)
+    parent = cfg
+    for part in key.split(".")[:-1]:
+        parent = getattr(parent, part)
+    setattr(parent, f.name, coerce(key, value, f, where, owner))
+
+
+def _flatten(prefix: str, values: Any, where: str) -> dict[str, Any]:
+    """A YAML mapping under ``prefix`` -> dotted leaf keys (nested groups are mappings too)."""
+    if not isinstance(values, dict):
+        raise UserError(f"config error ({where}): '{prefix}' must be a mapping of keys, got {type(values).__name__}")
+    out: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}"
+        if isinstance(value, dict):
+            out.update(_flatten(key, value, where))
+        else:
+            out[key] = value
+    return out
+
+
+def parse_sets(items) -> dict[str, str]:
+    """``--set section.key=value`` items -> overrides; a malformed item is a one-line error."""
+    overrides: dict[str, str] = {}
+    for item in items:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise UserError(f"--set {item!r} is invalid: expected SECTION.KEY=VALUE, e.g. sit.train.lr=2e-4")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value
+    return overrides
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -326,23 +421,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(raw, dict):
             raise UserError(f"config error: '{p}' must be a mapping of sections, got {type(raw).__name__}")
         for section, values in raw.items():
+            if section in RENAMED_SECTIONS:
+                raise UserError(f"config error ({p}): section '{section}' was renamed: use "
+                                f"'{RENAMED_SECTIONS[section]}'")
             if section not in section_names():
                 raise UserError(f"config error ({p}): unknown section '{section}'; valid: {', '.join(section_names())}")
-            if not isinstance(values, dict):
-                raise UserError(f"config error ({p}): section '{section}' must be a mapping of keys")
-            for name, value in values.items():
-                _apply(cfg, f"{section}.{name}", value, str(p))
+            for key, value in _flatten(section, values, str(p)).items():
+                set_key(cfg, key, value, str(p))
         cfg.source = str(p)
     for key, value in (overrides or {}).items():
-        _apply(cfg, key, value, "command line")
+        set_key(cfg, key, value, "command line")
     _check_cross_field(cfg)
     return cfg
 
 
 def _check_cross_field(cfg: Config) -> None:
     """Constraints between keys, reported like single-key errors."""
-    if cfg.encoder.input_size % 14:
-        raise UserError(f"config error: encoder.input_size = {cfg.encoder.input_size} is invalid: expected a multiple of 14")
+    if cfg.image_encoder.input_size % 14:
+        raise UserError(f"config error: image_encoder.input_size = {cfg.image_encoder.input_size} is invalid: expected a multiple of 14")
     if not cfg.data.views:
         raise UserError("config error: data.views = [] is invalid: expected at least one of orig, flip")
     if len(set(cfg.data.views)) != len(cfg.data.views):

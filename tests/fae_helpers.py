@@ -99,6 +99,16 @@ def make_feature_store(path: Path, index, z: np.ndarray, shard_samples: int = 16
     return group
 
 
+def merge(base: dict, values: dict) -> dict:
+    """Merge ``values`` into ``base`` recursively (nested groups like ``train`` merge key by key)."""
+    for k, v in values.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
 def write_config(path: Path, root: Path, **sections) -> Path:
     """A YAML config with every path inside ``root`` and per-section overrides."""
     cfg = {
@@ -106,11 +116,12 @@ def write_config(path: Path, root: Path, **sections) -> Path:
                   "latents": str(root / "latents.zarr"), "fae_run": str(root / "fae"),
                   "decoder_run": str(root / "decoder"), "metrics": str(root / "metrics")},
         "data": {"root": str(root / "images"), "image_size": IMAGE, "views": ["orig", "flip"], "decode_workers": 2},
-        "fae": {"model": "fae_tiny", "steps": 30, "batch_size": 16, "lr": 2e-3, "warmup": 5, "beta": 1e-4,
-                "checkpoint_every": 10, "eval_every": 10, "keep_last": 2, "precision": "fp32", "seed": 0},
+        "fae": {"model": "fae_tiny", "beta": 1e-4,
+                "train": {"steps": 30, "batch_size": 16, "lr": 2e-3, "warmup": 5, "checkpoint_every": 10,
+                          "eval_every": 10, "keep_last": 2, "precision": "fp32", "seed": 0, "log_every": 1}},
     }
     for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
+        merge(cfg.setdefault(section, {}), values)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -25,7 +25,7 @@ TINY = {
     "paths": {"index": "cache/index.json", "features": "cache/features.zarr"},
     "data": {"root": "data/demo", "demo": True, "demo_classes": 4, "demo_per_class": 12, "demo_size": 32,
              "image_size": 32, "views": ["orig", "flip"], "holdout_fraction": 0.1, "decode_workers": 2},
-    "encoder": {"name": "vit_small_patch14_dinov2", "weights": "random", "input_size": 28, "precision": "bf16",
+    "image_encoder": {"name": "vit_small_patch14_dinov2", "weights": "random", "input_size": 28, "precision": "bf16",
                 "batch_size": 3, "device": "cpu"},
     "extract": {"shards": 2, "shard_samples": 8, "chunk_samples": 4, "workers": 0, "threads": 1},
 }

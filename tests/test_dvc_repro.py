@@ -1,7 +1,7 @@
 """The real `dvc repro` of the whole pipeline on configs/ci.yaml in a temporary git repo.
 
 Checks every stage's artefacts, that a second `dvc repro` is a no-op, that
-`dvc exp run -S sit.steps=...` re-runs only train-sit and what follows it, and that
+`dvc exp run -S sit.train.steps=...` re-runs only train-sit and what follows it, and that
 `dvc metrics show` lists the FAE, decoder, SiT and evaluation numbers.
 """
 
@@ -77,7 +77,7 @@ def test_second_repro_is_a_noop_and_metrics_show(project):
 
 def test_exp_run_with_a_sit_setting_reruns_only_sit_and_after(project):
     root, _ = project
-    out = _run(["dvc", "exp", "run", "-S", "sit.steps=10"], root)
+    out = _run(["dvc", "exp", "run", "-S", "sit.train.steps=10"], root)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert ran == {"train-sit", "sample", "evaluate"}, out[-2000:]
     assert json.loads((root / "metrics/sit.json").read_text())["steps"] == 10
@@ -104,7 +104,7 @@ def test_exp_run_with_an_fae_setting_rebuilds_the_latents_and_retrains_sit(proje
     from fae_pipe.training.checkpoint import file_fingerprint
 
     root, _ = project
-    ran = _ran(_run(["dvc", "exp", "run", "-S", "fae.steps=10"], root))
+    ran = _ran(_run(["dvc", "exp", "run", "-S", "fae.train.steps=10"], root))
     assert {"train-fae", "encode", "train-sit", "sample", "evaluate"} <= ran, ran
     latents = zarr.open_group(str(root / "cache/latents.zarr"), mode="r")
     assert latents.attrs["fae_fingerprint"] == file_fingerprint(root / "runs/fae/fae.pt")

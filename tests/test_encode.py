@@ -6,6 +6,7 @@ import pickle
 import shutil
 import socket
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ import zarr
 from fae_helpers import cli, make_dataset, make_feature_store, write_config
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import record_path
-from fae_pipe.cache.inspect import inspect_store, verify_store
+from fae_pipe.cache.inspect import inspect_store, verify_store as verify_with
 from fae_pipe.config import load_config
+from fae_pipe.data.index import read_index
 from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import FeatureAutoencoder, grid_to_tokens
 from fae_pipe.fae.data import feature_split, open_feature_store
@@ -28,6 +30,10 @@ from fae_pipe.stages import encode, train_fae
 from fae_pipe.training.checkpoint import file_fingerprint
 
 
+# verify_store takes the index reader (cache must not import data); tests always pass the real one
+verify_store = partial(verify_with, read_index=read_index)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny feature store, an FAE trained on it for 30 steps, and its latent store."""
@@ -36,7 +42,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("enc")
     _, index, z = make_dataset(root, grid=4)
     make_feature_store(root / "features.zarr", index, z)
-    path = write_config(root / "c.yaml", root, fae={"steps": 30, "lr": 3e-3, "eval_every": 100},
+    path = write_config(root / "c.yaml", root, fae={"train": {"steps": 30, "lr": 3e-3, "eval_every": 100}},
                         encode={"shards": 2, "batch_size": 8, "store_std": False})
     cfg = load_config(path)
     train_fae.run(cfg)

@@ -22,12 +22,12 @@ def cfg():
 
 
 def test_config_holds_the_papers_settings(cfg):
-    assert (cfg.encoder.name, cfg.encoder.input_size) == ("vit_giant_patch14_dinov2", 224)
+    assert (cfg.image_encoder.name, cfg.image_encoder.input_size) == ("vit_giant_patch14_dinov2", 224)
     assert cfg.data.image_size == 256 and cfg.data.views == ["orig", "flip"]
-    assert (cfg.fae.lr, cfg.fae.warmup, cfg.fae.steps, cfg.fae.batch_size) == (1e-4, 1000, 1_000_000, 1024)
-    assert (cfg.decoder.noise_sigma, cfg.decoder.steps, cfg.decoder.batch_size) == (0.4, 1_000_000, 512)
-    assert (cfg.sit.model, cfg.sit.patch_size, cfg.sit.steps, cfg.sit.batch_size) == ("sit_xl", 1, 2_000_000, 512)
-    assert (cfg.sit.lr, cfg.sit.warmup, cfg.sit.shift_mode, cfg.sit.shift) == (1e-4, 0, "scalar", 0.4)
+    assert (cfg.fae.train.lr, cfg.fae.train.warmup, cfg.fae.train.steps, cfg.fae.train.batch_size) == (1e-4, 1000, 1_000_000, 1024)
+    assert (cfg.decoder.noise_sigma, cfg.decoder.train.steps, cfg.decoder.train.batch_size) == (0.4, 1_000_000, 512)
+    assert (cfg.sit.model, cfg.sit.patch_size, cfg.sit.train.steps, cfg.sit.train.batch_size) == ("sit_xl", 1, 2_000_000, 512)
+    assert (cfg.sit.train.lr, cfg.sit.train.warmup, cfg.sit.shift_mode, cfg.sit.shift) == (1e-4, 0, "scalar", 0.4)
     assert cfg.sample.steps == 250 and cfg.sample.guidance[-1] == [0.0, 0.7, 2.5]
 
 

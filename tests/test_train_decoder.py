@@ -20,9 +20,9 @@ from fae_pipe.fae.pixels import PixelBatches
 from fae_pipe.stages import train_decoder, train_fae
 
 DECODER = {"lpips_backbone": "random", "lpips_weight": 0.1, "gan_weight": 0.1, "gan_start": 20,
-           "discriminator": "patchgan_tiny", "steps": 30, "batch_size": 16, "lr": 1e-3, "warmup": 5,
-           "checkpoint_every": 10, "keep_last": 5, "eval_every": 15, "eval_images": 16, "precision": "fp32",
-           "ema_decay": 0.8}
+           "discriminator": "patchgan_tiny", "eval_images": 16,
+           "train": {"steps": 30, "batch_size": 16, "lr": 1e-3, "warmup": 5, "checkpoint_every": 10, "keep_last": 5,
+                     "eval_every": 15, "precision": "fp32", "ema_decay": 0.8, "log_every": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,8 @@ def test_resume_from_a_checkpoint_reproduces_the_run(stage1, tmp_path):
 def test_stage2_fine_tunes_on_the_fae_reconstruction(stage1, tmp_path):
     root, path = stage1
     overrides = {"paths.decoder_run": str(tmp_path / "dec"), "paths.fae_run": str(tmp_path / "fae"),
-                 "paths.metrics": str(tmp_path / "m"), "decoder.stage": 2, "decoder.steps": 4,
-                 "decoder.gan_start": 0, "fae.steps": 5}
+                 "paths.metrics": str(tmp_path / "m"), "decoder.phase": 2, "decoder.train.steps": 4,
+                 "decoder.gan_start": 0, "fae.train.steps": 5}
     cfg = load_config(path, overrides)
     with pytest.raises(UserError, match="train-fae"):
         train_decoder.run(cfg)

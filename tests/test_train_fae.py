@@ -72,7 +72,7 @@ def test_losses_match_their_formulas():
 
 
 def test_training_learns_and_writes_artefacts(data, tmp_path):
-    cfg = load_config(write_config(tmp_path / "c.yaml", data, fae={"steps": 40, "eval_every": 20, "lr": 3e-3},
+    cfg = load_config(write_config(tmp_path / "c.yaml", data, fae={"train": {"steps": 40, "eval_every": 20, "lr": 3e-3}},
                                    paths={"fae_run": str(tmp_path / "run"), "metrics": str(tmp_path / "m")}))
     train_fae.run(cfg)
     log = rows(tmp_path / "run" / "loss.csv")
@@ -93,7 +93,7 @@ def test_training_learns_and_writes_artefacts(data, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
-    common = dict(fae={"steps": 24, "checkpoint_every": 4, "keep_last": 20, "eval_every": 100, "ema_decay": 0.9})
+    common = dict(fae={"train": {"steps": 24, "checkpoint_every": 4, "keep_last": 20, "eval_every": 100, "ema_decay": 0.9}})
     ref_cfg = write_config(tmp_path / "ref.yaml", data, paths={"fae_run": str(tmp_path / "ref"),
                                                               "metrics": str(tmp_path / "mref")}, **common)
     train_fae.run(load_config(ref_cfg))
@@ -141,7 +141,7 @@ def test_nan_in_the_data_stops_with_the_documented_message(data, tmp_path):
     shutil.copytree(data / "features.zarr", store)
     cfg = load_config(write_config(tmp_path / "c.yaml", data, paths={
         "features": str(store), "fae_run": str(tmp_path / "run"), "metrics": str(tmp_path / "m")},
-        fae={"steps": 12, "checkpoint_every": 3, "eval_every": 100}))
+        fae={"train": {"steps": 12, "checkpoint_every": 3, "eval_every": 100}}))
     from fae_pipe.fae.data import feature_split, open_feature_store
 
     split = feature_split(open_feature_store(str(store)), cfg.paths.index, str(store))

@@ -23,16 +23,16 @@ from fae_pipe.training.sit_export import build_sit_from_export, load_sit_export
 from test_sharded_loader import make_latent_store
 
 STEPS = 6
-SIT = {"model": "sit_tiny", "steps": STEPS, "batch_size": 8, "checkpoint_every": 2, "keep_last": 2,
+TRAIN = {"steps": STEPS, "batch_size": 8, "checkpoint_every": 2, "keep_last": 2,
        "precision": "no", "warmup": 2, "lr": 1e-3, "ema_decay": 0.9, "memory_budget_gb": 0.0, "shuffle_buffer": 1}
 FORBIDDEN = ("timm", "lpips", "fae_pipe.encoders", "fae_pipe.data.transforms", "fae_pipe.fae",
              "fae_pipe.models.fae_encoder", "fae_pipe.models.feature_decoder", "fae_pipe.models.pixel_decoder")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
 
 
-def write_config(tmp: Path, store: Path, run: str, **sit) -> Path:
+def write_config(tmp: Path, store: Path, run: str, **train) -> Path:
     cfg = {"paths": {"latents": str(store), "sit_run": str(tmp / run), "metrics": str(tmp / f"metrics-{run}")},
-           "sit": {**SIT, **sit}}
+           "sit": {"model": "sit_tiny", "train": {**TRAIN, **train}}}
     path = tmp / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -111,7 +111,7 @@ def test_artefacts(reference):
 def test_stop_then_resume_through_the_cli_is_exact(reference):
     tmp, store, ref, _ = reference
     cfg = write_config(tmp, store, "cli")
-    cli_main(["train-sit", "--config", str(cfg), "--steps", "3"])
+    cli_main(["train-sit", "--config", str(cfg), "--set", "sit.train.steps=3"])
     cli_main(["train-sit", "--config", str(cfg), "--resume"])
     assert loss_rows(tmp / "cli") == loss_rows(ref)
     assert_same_weights(tmp / "cli", ref)
@@ -120,12 +120,14 @@ def test_stop_then_resume_through_the_cli_is_exact(reference):
 def test_resume_auto_continues_a_compatible_run_and_restarts_otherwise(reference, capsys):
     tmp, store, ref, _ = reference
     cfg = write_config(tmp, store, "auto")
-    cli_main(["train-sit", "--config", str(cfg), "--resume", "auto", "--steps", "3"])  # nothing to resume: fresh
+    cli_main(["train-sit", "--config", str(cfg), "--resume", "auto",
+              "--set", "sit.train.steps=3"])  # nothing to resume: fresh
     cli_main(["train-sit", "--config", str(cfg), "--resume", "auto"])  # same settings but steps: resumes
     assert "resuming from" in capsys.readouterr().err
     assert loss_rows(tmp / "auto") == loss_rows(ref)
     assert_same_weights(tmp / "auto", ref)
-    cli_main(["train-sit", "--config", str(cfg), "--resume", "auto", "--lr", "0.002", "--steps", "2"])
+    cli_main(["train-sit", "--config", str(cfg), "--resume", "auto", "--set", "sit.train.lr=0.002",
+              "--set", "sit.train.steps=2"])
     assert "starting a fresh run" in capsys.readouterr().out
     assert [int(r["step"]) for r in loss_rows(tmp / "auto")] == [1, 2]
     assert [p.name for p in sorted((tmp / "auto" / "checkpoints").glob("*.pt"))] == ["step-000000002.pt"]
@@ -142,7 +144,7 @@ def test_sigkill_then_resume_is_exact(reference):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL and marker.exists()
-    cli_main(["train-sit", "--config", str(cfg), "--resume", "--steps", str(STEPS)])
+    cli_main(["train-sit", "--config", str(cfg), "--resume", "--set", f"sit.train.steps={STEPS}"])
     assert loss_rows(tmp / "kill") == loss_rows(ref)
     assert_same_weights(tmp / "kill", ref)
 
@@ -166,7 +168,7 @@ def test_global_batch_must_split_over_processes_and_accumulation(tmp_path):
     make_latent_store(store, n=32)
     from fae_pipe.stages import train_sit
 
-    with pytest.raises(UserError, match="sit.batch_size = 8 is invalid: it must be divisible by .* = 3"):
+    with pytest.raises(UserError, match="sit.train.batch_size = 8 is invalid: it must be divisible by .* = 3"):
         train_sit.run(load_config(write_config(tmp_path, store, "div", grad_accum=3)))
 
 

@@ -1,27 +1,36 @@
-"""Checkpoints every loop shares: one file per step, written atomically, newest N kept.
+"""The training checkpoint format, and which checkpoint a run continues from.
 
-A checkpoint is a plain dict saved with ``torch.save``: ``step``, ``model``,
-``ema`` (or None), ``optimizer``, ``scheduler``, ``rng`` (torch/CUDA/numpy/python
-states), ``config`` (the resolved config dict) and ``extra`` (stage-specific:
-latent statistics, fingerprints). ``checkpoints/latest`` names the newest file,
-so a run killed while saving still resumes from the previous complete one.
+A checkpoint is a plain dict saved with ``torch.save`` to
+``<run>/checkpoints/step-<9 digits>.pt``: ``step``, ``models`` (name -> state
+dict), ``ema`` (name -> state dict, for the models that keep one),
+``optimizers`` and ``schedulers`` (name -> state dict), ``rng``
+(torch/CUDA/numpy/python states), ``config`` (the resolved config dict) and
+``extra`` (what the stage needs to refuse a mismatching resume: model names,
+latent statistics, fingerprints). A JSON sidecar holds step + config so
+``--resume auto`` decides without unpickling, and ``checkpoints/latest`` names
+the newest file, so a run killed while saving resumes from the previous one.
+Checkpoints are pruned by step number, so a fresh run first removes an older
+run's checkpoints (else ``--resume`` could pick the stale run).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fae_pipe.artifacts import atomic_torch_save, atomic_write_json, atomic_write_text, load_payload
 from fae_pipe.errors import UserError
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+# Loop keys that may change between a run and its resumption without making it another run.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "eval_every", "eval_images", "log_every", "log_with"}
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -43,25 +52,12 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: str | Path, step: int, payload: dict, keep_last: int) -> Path:
     """Write ``payload`` as the checkpoint of ``step`` and prune all but the newest ``keep_last``."""
     ckdir = checkpoint_dir(run_dir)
-    ckdir.mkdir(parents=True, exist_ok=True)
-    path = ckdir / f"step-{step:09d}.pt"
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({**payload, "step": step}, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if "config" in payload:
-        _atomic_write_text(path.with_suffix(".json"), json.dumps({"step": step, "config": payload["config"]}))
-    _atomic_write_text(ckdir / "latest", path.name + "\n")
+    path = atomic_torch_save({**payload, "step": step}, ckdir / f"step-{step:09d}.pt", fsync=True)
+    atomic_write_json(path.with_suffix(".json"), {"step": step, "config": payload.get("config")}, indent=None)
+    atomic_write_text(ckdir / "latest", path.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep_last]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
@@ -86,8 +82,28 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-# Keys that may change between a run and its resumption without making it a different run.
-RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "eval_every", "eval_images"}
+def clear_checkpoints(run_dir: str | Path, stage: str) -> int:
+    """Delete the checkpoints (+ sidecars and the ``latest`` marker) of ``run_dir``; return how many."""
+    old = list_checkpoints(run_dir)
+    for path in old:
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+    (checkpoint_dir(run_dir) / "latest").unlink(missing_ok=True)
+    if old:
+        print(f"{stage}: fresh run: removed {len(old)} checkpoint(s) of a previous run in {checkpoint_dir(run_dir)}",
+              file=sys.stderr)
+    return len(old)
+
+
+def _identity(section: dict | None) -> dict:
+    """A section's settings minus the keys a resumed run may change (nested groups included)."""
+    out = {}
+    for k, v in (section or {}).items():
+        if isinstance(v, dict):
+            out[k] = _identity(v)
+        elif k not in RESUMABLE_CHANGES:
+            out[k] = v
+    return out
 
 
 def resolve_resume(run_dir: str | Path, resume: str | None, section: str | None = None,
@@ -105,10 +121,10 @@ def resolve_resume(run_dir: str | Path, resume: str | None, section: str | None 
         if found is None:
             return None
         sidecar = found.with_suffix(".json")
-        saved = json.loads(sidecar.read_text()).get("config", {}).get(section) if sidecar.is_file() else None
-        strip = lambda d: {k: v for k, v in (d or {}).items() if k not in RESUMABLE_CHANGES}  # noqa: E731
-        if section is not None and strip(saved) != strip(current):
-            print(f"resume auto: {found} was made with other '{section}' settings; starting a fresh run")
+        saved = (json.loads(sidecar.read_text()).get("config") or {}).get(section) if sidecar.is_file() else None
+        if section is not None and _identity(saved) != _identity(current):
+            print(f"resume auto: {found} was made with other '{section}' settings; starting a fresh run",
+                  file=sys.stderr)
             return None
         return found
     if resume == "latest":
@@ -123,17 +139,27 @@ def resolve_resume(run_dir: str | Path, resume: str | None, section: str | None 
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by ``save_checkpoint`` (trusted files: full unpickling)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise UserError(f"checkpoint '{path}' cannot be read ({type(e).__name__}): pass a file written by fae-pipe") from None
+    """Load a checkpoint written by ``save_checkpoint``; anything else is a one-line error."""
+    ck = load_payload(path, None, "train-*", what="checkpoint")
+    missing = [k for k in ("step", "models", "optimizers", "schedulers", "rng") if k not in ck]
+    if missing:
+        raise UserError(f"checkpoint '{path}' lacks {', '.join(missing)}: it was written by another fae-pipe "
+                        "version; start a fresh run (without --resume)")
+    return ck
 
 
-def file_fingerprint(path: str | Path) -> str:
-    """``sha256:<hex>`` of a file's bytes: how stores and checkpoints name their sources."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
+def check_finite_weights(module: torch.nn.Module, step: int, stage: str, run_dir) -> None:
+    """Raise ``UserError`` naming the first non-finite parameter and the last good checkpoint.
+
+    A finite loss can still leave non-finite weights (an overflowing update), so the
+    weights are checked right before every save: a checkpoint is always worth resuming.
+    """
+    for name, p in module.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            raise UserError(f"{stage}: non-finite weights ({name}) at step {step}; training stopped, "
+                            f"{last_good(run_dir)}")
+
+
+def last_good(run_dir) -> str:
+    last = latest_checkpoint(run_dir)
+    return f"last good checkpoint: {last}" if last else "no checkpoint was written yet"

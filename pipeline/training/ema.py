@@ -17,8 +17,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach().float(), 1.0 - self.decay)
+        """One fused ``lerp`` over all parameters (a per-tensor loop costs a kernel launch per tensor)."""
+        shadow = list(self.model.parameters())
+        params = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 

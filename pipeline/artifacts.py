@@ -1,0 +1,106 @@
+"""How fae-pipe writes, reads, names and seeds its own files: one owner for each of those facts.
+
+- Atomic writes: every file a stage leaves (checkpoints, exports, logs, metrics,
+  indices, records, images) is written to a temporary sibling and renamed, so a
+  killed process never leaves half a file where a reader expects a whole one.
+- Typed payloads: an exported ``.pt`` is a dict with a ``format`` tag; loading
+  checks the tag and turns any unreadable file into one line naming it.
+- Fingerprints: ``sha256:<hex>`` of a file's bytes is how stores, exports and
+  checkpoints name the files they were made from.
+- Seeds: every random stream is seeded from names (seed, rank, step, stream...),
+  never from global RNG state, so a resumed or re-split run draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from fae_pipe.errors import UserError
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], fsync: bool = False) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it over ``path``.
+
+    The temp name carries the pid so two processes never share one; a failed
+    ``write`` removes its temp file and re-raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, payload, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    text = json.dumps(payload, indent=indent, sort_keys=sort_keys)
+    return atomic_write_text(path, text + ("\n" if indent is not None else ""))
+
+
+def atomic_torch_save(obj, path: str | Path, fsync: bool = False) -> Path:
+    """``torch.save`` through a temp file (checkpoints pass ``fsync`` so a power cut keeps them)."""
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=fsync)
+
+
+def load_payload(path: str | Path, fmt: str | None, made_by: str, what: str = "") -> dict:
+    """A dict saved by ``torch.save`` with ``format == fmt`` (None: any dict); one-line errors otherwise.
+
+    These are fae-pipe's own exports and checkpoints (full unpickling of trusted files).
+    """
+    import torch
+
+    path = Path(path)
+    label = what or str(path)
+    if not path.is_file():
+        raise UserError(f"{label} '{path}' not found: run `fae-pipe {made_by}` first" if what else
+                        f"{path} not found: run `fae-pipe {made_by}` first")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise UserError(f"{path} cannot be read ({type(e).__name__}): pass a file written by "
+                        f"`fae-pipe {made_by}`") from None
+    if not isinstance(payload, dict) or (fmt is not None and payload.get("format") != fmt):
+        raise UserError(f"{path} is not a {fmt or 'fae-pipe'} file: pass the file written by `fae-pipe {made_by}`")
+    return payload
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's bytes: how stores, exports and checkpoints name their sources."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def derived_seed(seed: int, *names) -> int:
+    """A 63-bit seed that depends only on ``seed`` and the ``names`` (e.g. rank, step, stream)."""
+    text = "/".join(map(str, (int(seed), *names)))
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(seed: int, *names, device="cpu"):
+    """A fresh ``torch.Generator`` on ``device`` seeded with ``derived_seed(seed, *names)``."""
+    import torch
+
+    g = torch.Generator(device=device)
+    g.manual_seed(derived_seed(seed, *names))
+    return g
