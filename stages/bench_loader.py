@@ -35,7 +35,7 @@ import torch
 from fae_pipe.cache import schema
 from fae_pipe.cache.synthetic import write_random_latent_store
 from fae_pipe.data.latents import LatentBatches
-from fae_pipe.data.sharded import ShardedLoader, open_zarr_group
+from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
 from fae_pipe.training.logs import write_metrics
 
@@ -107,7 +107,7 @@ def run(cfg, synthetic: str | None = None, min_samples: int = MIN_SAMPLES, repea
 
 def _run(cfg, path: Path, min_samples: int, repeats: int) -> dict:
     s = cfg.sit
-    group = open_zarr_group(path)
+    group = schema.open_group(path)
     LatentBatches(path, 1, s.seed)  # refuses a store that training would refuse
     arr = group[schema.LATENTS]
     n, views = int(arr.shape[0]), int(arr.shape[1])

@@ -33,11 +33,6 @@ from fae_pipe.training.logs import write_metrics
 COPIED_ATTRS = (schema.A_ENCODER, schema.A_IMAGE_SIZE, schema.A_CROP, schema.A_RESIZE, schema.A_NORMALIZATION,
                 schema.A_VIEWS, schema.A_NUM_CLASSES, schema.A_CLASSES, schema.A_DATASET_FINGERPRINT,
                 schema.A_INDEX_PATH)
-A_FAE_FINGERPRINT = "fae_fingerprint"
-A_FAE_MODELS = "fae_models"
-A_SOURCE = "source_features"
-A_STATS_COUNT = "channel_stats_count"
-A_LATENT_VALUES = "latent_values"
 
 
 def check_compatible(payload: dict, group, fae_path: Path, features_path: str) -> None:
@@ -73,8 +68,9 @@ def run(cfg: Config, overwrite: bool = False) -> None:
         "store_std": cfg.encode.store_std, "shard_samples": shard_samples, "chunk_samples": chunk_samples,
     }, sort_keys=True).encode()).hexdigest()
     attrs = {k: source.attrs[k] for k in COPIED_ATTRS if k in source.attrs}
-    attrs.update({A_FAE_FINGERPRINT: fae_fp, A_FAE_MODELS: payload["models"], A_SOURCE: src,
-                  A_LATENT_VALUES: "raw posterior means; standardise with channel_mean / channel_std"})
+    attrs.update({schema.A_FAE_FINGERPRINT: fae_fp, schema.A_FAE_MODELS: payload["models"],
+                  schema.A_SOURCE_FEATURES: src,
+                  schema.A_LATENT_VALUES: "raw posterior means; standardise with channel_mean / channel_std"})
     channels = payload["latent_channels"]
     out = cfg.paths.latents
 
@@ -95,7 +91,8 @@ def run(cfg: Config, overwrite: bool = False) -> None:
             raise UserError(f"encode: shards {missing} of {out} have no completion record; re-run `fae-pipe encode`")
         count, mean, std = merge_moments([result.records[i]["extras"]["moments"] for i in sorted(result.records)])
         finalize(group, list(source.attrs.get(schema.A_FAILURES, [])), {
-            schema.A_CHANNEL_MEAN: mean.tolist(), schema.A_CHANNEL_STD: std.tolist(), A_STATS_COUNT: count})
+            schema.A_CHANNEL_MEAN: mean.tolist(), schema.A_CHANNEL_STD: std.tolist(),
+            schema.A_CHANNEL_STATS_COUNT: count})
     write_latent_stats(fae_path, mean, std, count, dict(src, latents=str(Path(out).resolve())))
     lat_b, feat_b = store_bytes(out) / n, store_bytes(cfg.paths.features) / n
     wall = time.perf_counter() - t0

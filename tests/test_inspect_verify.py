@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,7 +13,12 @@ import zarr
 from helpers_extract import SyntheticTask, cli, synthetic_store, write_synthetic_index
 
 from fae_pipe.cache.bookkeeping import record_path
-from fae_pipe.cache.inspect import inspect_store, verify_store
+from fae_pipe.cache.inspect import inspect_store, verify_store as verify_with
+from fae_pipe.data.index import read_index
+
+
+# verify_store takes the index reader (cache must not import data); tests always pass the real one
+verify_store = partial(verify_with, read_index=read_index)
 
 
 @pytest.fixture()

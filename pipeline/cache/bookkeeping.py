@@ -19,8 +19,6 @@ from pathlib import Path
 from fae_pipe.cache.schema import BOOKKEEPING_DIR
 from fae_pipe.errors import UserError
 
-RECORD_GLOB = "shard-*.json"
-
 
 def bookkeeping_dir(store_path) -> Path:
     return Path(store_path) / BOOKKEEPING_DIR

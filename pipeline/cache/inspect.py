@@ -4,17 +4,34 @@
 statistics without reading sample data. ``verify_store`` reads every storage shard
 once and returns one line per defect, so a damaged or unfinished store is caught
 before training silently learns from zero rows.
+
+The dataset index is passed in (``verify_store(..., read_index=...)``, normally
+``fae_pipe.data.index.read_index``) rather than imported: ``fae_pipe.data`` reads
+caches, so ``fae_pipe.cache`` must never import it back.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import read_record
+from fae_pipe.errors import UserError
+
+
+class SampleIndex(Protocol):
+    """What verify needs of a dataset index (``fae_pipe.data.index.DatasetIndex`` has it)."""
+
+    fingerprint: str
+    ids: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
 
 _LONG_ATTRS = (schema.A_CLASSES, schema.A_FAILURES, schema.A_CHANNEL_MEAN, schema.A_CHANNEL_STD)
 
@@ -77,11 +94,10 @@ def inspect_store(path) -> str:
     return "\n".join(lines)
 
 
-def _load_index(path, attrs, index_path):
+def _load_index(path, attrs, index_path, read_index: Callable[[str], SampleIndex] | None):
     """The dataset index to compare against, or a defect line saying why it is not checked."""
-    from fae_pipe.data.index import read_index
-    from fae_pipe.errors import UserError
-
+    if read_index is None:
+        return None, "index: no index reader given; labels and sample_ids not checked"
     where = index_path or attrs.get(schema.A_INDEX_PATH)
     if not where:
         return None, "index: no index_path in attrs; labels and sample_ids not checked (pass --index)"
@@ -151,8 +167,12 @@ def _check_shard(path, group, i: int, start: int, stop: int, config_hash, index,
     return out
 
 
-def verify_store(path, index_path=None) -> list[str]:
-    """Check every shard end to end; returns defect lines (empty when the store is sound)."""
+def verify_store(path, index_path=None, *, read_index: Callable[[str], SampleIndex] | None) -> list[str]:
+    """Check every shard end to end; returns defect lines (empty when the store is sound).
+
+    ``index_path`` (default: the store's ``index_path`` attr) is read with ``read_index``
+    to check labels and sample ids; ``read_index=None`` skips that check (one defect line).
+    """
     group, kind = schema.open_store(path, "r")
     attrs = dict(group.attrs)
     defects = []
@@ -172,7 +192,7 @@ def verify_store(path, index_path=None) -> list[str]:
     absent = sorted(required - set(schema.sample_array_names(group)))
     if absent:
         return defects + [f"arrays missing: {', '.join(absent)}"]
-    index, index_defect = _load_index(path, attrs, index_path)
+    index, index_defect = _load_index(path, attrs, index_path, read_index)
     if index_defect:
         defects.append(index_defect)
     complete = attrs.get(schema.A_COMPLETE) is True

@@ -1,4 +1,5 @@
-"""The layout of the zarr caches: the one place that names arrays, dimensions and attrs.
+"""The layout of the zarr caches: the one place that names arrays, dimensions and attrs,
+and the one module that opens existing zarr groups (``open_group``, ``open_store``).
 
 Both stores (``features.zarr`` written by ``extract``, ``latents.zarr`` written by
 ``encode``) are plain zarr v3 groups that anyone can open with ``zarr`` or
@@ -53,7 +54,6 @@ DTYPES: dict[str, str] = {
     LABELS: "int64", SAMPLE_IDS: "int64", VALID: "bool",
 }
 FLOAT_ARRAYS = (FEATURES, CLS, LATENTS, STD)
-BOOKKEEPING_ARRAYS = (LABELS, SAMPLE_IDS, VALID)
 
 # group attrs keys (written only by the coordinating process)
 A_SCHEMA_VERSION = "schema_version"
@@ -78,7 +78,18 @@ A_COMPLETE = "complete"
 A_FAILURES = "failures"
 A_CHANNEL_MEAN = "channel_mean"
 A_CHANNEL_STD = "channel_std"
+# latent stores only (written by ``encode``)
+A_CHANNEL_STATS_COUNT = "channel_stats_count"  # samples x views x positions behind the statistics
+A_FAE_FINGERPRINT = "fae_fingerprint"  # sha256 of the fae.pt that made the latents
+A_FAE_MODELS = "fae_models"  # registry names of the FAE parts
+A_SOURCE_FEATURES = "source_features"  # {"path", "config_hash"} of the feature store encoded
+A_LATENT_VALUES = "latent_values"  # a note saying what the stored values are
 
+# Values of the ``crop`` / ``resize`` attrs of feature stores. They name the one pixel
+# chain of ``fae_pipe.data.transforms``: ADM centre crop (BOX halving, then BICUBIC to
+# the short side, centred square; views by horizontal flip), then Pillow BICUBIC to the
+# encoder input with the ImageNet mean/std. They are hashed into every feature store's
+# config_hash, so these strings must never change while the chain stays the same.
 CROP_POLICY = "adm_center_crop"
 RESIZE_POLICY = "bicubic"
 
@@ -177,21 +188,33 @@ def create_latent_store(path, n: int, views: int, channels: int, grid, shard_sam
     return _create_store(path, KIND_LATENTS, shapes, n, shard_samples, chunk_samples, meta)
 
 
-def open_store(path, mode: str = "r") -> tuple[zarr.Group, str]:
-    """Open a cache store and return ``(group, kind)``; a wrong path is a one-line UserError."""
+def open_group(path, mode: str = "r", what: str = "a zarr v3 store",
+               hint: str = "check the path or run the stage that writes it") -> zarr.Group:
+    """Open any zarr v3 group (not only fae-pipe stores); a wrong path is a one-line UserError.
+
+    The one place the package opens existing groups, so every reader reports a missing
+    or malformed store the same way. ``what``/``hint`` word the missing-store message.
+    """
     p = Path(path)
     if not (p / "zarr.json").is_file():
-        raise UserError(f"{p} is not a fae-pipe zarr store (no zarr.json); run `fae-pipe extract` or `encode` first")
+        raise UserError(f"{p} is not {what} (no zarr.json); {hint}")
     try:
-        group = zarr.open_group(str(p), mode=mode)
+        return zarr.open_group(str(p), mode=mode)
     except Exception as e:  # zarr raises several types for a malformed hierarchy
         raise UserError(f"{p} could not be opened as a zarr group: {type(e).__name__}: {e}") from None
+
+
+def open_store(path, mode: str = "r") -> tuple[zarr.Group, str]:
+    """Open a fae-pipe cache store and return ``(group, kind)``, checking its kind and schema version."""
+    p = Path(path)
+    group = open_group(p, mode, "a fae-pipe zarr store", "run `fae-pipe extract` or `encode` first")
     kind = group.attrs.get(A_KIND)
     if kind not in KINDS:
-        raise UserError(f"{p} is not a fae-pipe store: attrs 'kind' is {kind!r}, expected one of {', '.join(KINDS)}")
+        raise UserError(f"{p} is not a fae-pipe store: attrs '{A_KIND}' is {kind!r}, "
+                        f"expected one of {', '.join(KINDS)}")
     version = group.attrs.get(A_SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
-        raise UserError(f"{p} has schema_version {version!r}; this fae-pipe reads version {SCHEMA_VERSION}: "
+        raise UserError(f"{p} has {A_SCHEMA_VERSION} {version!r}; this fae-pipe reads version {SCHEMA_VERSION}: "
                         "re-create it with --overwrite")
     return group, kind
 

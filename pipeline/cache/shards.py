@@ -70,9 +70,6 @@ class ShardTask(Protocol):
                 progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], dict]: ...
 
 
-_PREPARED: dict[str, ShardTask] = {}  # per process: the task whose setup() already ran
-
-
 REMOTE_WORKER = -1  # ``workers`` value meaning: a worker of an external cluster
 
 
@@ -96,15 +93,39 @@ def set_torch_threads(threads: int, workers: int) -> int:
     return n
 
 
-def prepared_task(task: ShardTask, threads: int, workers: int) -> ShardTask:
-    """The task with ``setup`` done, built once per process and reused for later units."""
-    ready = _PREPARED.get(task.cache_key)
-    if ready is None:
-        set_torch_threads(threads, workers)
-        task.setup()
-        _PREPARED.clear()  # one model per process: drop a previous stage's
-        _PREPARED[task.cache_key] = ready = task
-    return ready
+class PreparedTasks:
+    """The shard task whose ``setup`` (model + weights) already ran in this process.
+
+    Why per process: a work unit runs in whichever dask worker the scheduler picks and
+    its task arrives freshly unpickled, so the only way to build the model once per
+    worker and reuse it for that worker's later units is state that lives in the
+    worker process. This class is that state, and the only place it lives:
+    ``PreparedTasks.of_process()`` is the registry of the current process (the runner
+    passes it along explicitly; a work unit sent to dask looks it up on arrival). It
+    holds one task: a task with another ``cache_key`` replaces it, so a long-lived
+    process keeps only the latest stage's model.
+    """
+
+    _process: "PreparedTasks | None" = None
+
+    def __init__(self):
+        self.key: str | None = None
+        self.task: ShardTask | None = None
+
+    @classmethod
+    def of_process(cls) -> "PreparedTasks":
+        if cls._process is None:
+            cls._process = cls()
+        return cls._process
+
+    def get(self, task: ShardTask, threads: int, workers: int) -> ShardTask:
+        """``task`` with ``setup`` done, or the already prepared task of the same ``cache_key``."""
+        if self.task is None or self.key != task.cache_key:
+            self.key = self.task = None  # drop a previous stage's model before building the next
+            set_torch_threads(threads, workers)
+            task.setup()
+            self.key, self.task = task.cache_key, task
+        return self.task
 
 
 def record_matches(record: dict | None, config_hash: str, start: int, stop: int) -> bool:
@@ -139,10 +160,13 @@ def write_shard(group: zarr.Group, store_path, shard_index: int, start: int, sto
 
 def run_unit(task: ShardTask, store_path: str, shard_ids: list[int], plan: ShardPlan, config_hash: str,
              threads: int = 0, workers: int = 0, progress: Callable[[int], None] | None = None,
-             topic: str | None = None) -> list[dict]:
-    """Compute and write the storage shards of one work unit; returns their records."""
-    ready = prepared_task(task, threads, workers)
-    group = zarr.open_group(store_path, mode="r+")
+             topic: str | None = None, prepared: PreparedTasks | None = None) -> list[dict]:
+    """Compute and write the storage shards of one work unit; returns their records.
+
+    ``prepared``: where the built task is kept (None: this process's registry, as on a dask worker).
+    """
+    ready = (prepared or PreparedTasks.of_process()).get(task, threads, workers)
+    group = schema.open_group(store_path, "r+")
     records = []
     for shard_index in shard_ids:
         start, stop = plan.bounds(shard_index)
@@ -191,8 +215,14 @@ class RunResult:
 
 
 def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *, units: int = 1,
-               workers: int = 0, scheduler: str = "", threads: int = 0, desc: str = "shards") -> RunResult:
-    """Write every storage shard without a matching completion record; skip the rest."""
+               workers: int = 0, scheduler: str = "", threads: int = 0, desc: str = "shards",
+               prepared: PreparedTasks | None = None) -> RunResult:
+    """Write every storage shard without a matching completion record; skip the rest.
+
+    ``prepared`` keeps the built task of an in-process run (None: this process's
+    registry, so a second run of the same task reuses its model); dask workers always
+    use their own process's registry.
+    """
     path = str(Path(store_path).resolve())
     unit_list, note = plan.units(units)
     if note:
@@ -209,10 +239,11 @@ def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *
         elif scheduler or workers:
             seconds = _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, threads, bar)
         else:
-            prepared_task(task, threads, 0)  # model build is not part of the throughput
+            prepared = prepared or PreparedTasks.of_process()
+            prepared.get(task, threads, 0)  # model build is not part of the throughput
             t0 = time.perf_counter()
             for unit in todo:
-                run_unit(task, path, unit, plan, config_hash, threads, 0, progress=bar.update)
+                run_unit(task, path, unit, plan, config_hash, threads, 0, progress=bar.update, prepared=prepared)
             seconds = time.perf_counter() - t0
     finally:
         bar.close()  # ends the bar's line, so an error message starts on its own line

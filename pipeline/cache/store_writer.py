@@ -30,7 +30,7 @@ def open_or_create(path, config_hash: str, create: Callable[[], zarr.Group], ove
     path = Path(path)
     if (path / "zarr.json").is_file():
         try:
-            group = zarr.open_group(str(path), mode="r+")
+            group = schema.open_group(path, "r+")
             existing = group.attrs.get(schema.A_CONFIG_HASH)
         except Exception:  # an unreadable hierarchy is replaced like a mismatching one
             group, existing = None, "<unreadable>"

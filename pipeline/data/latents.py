@@ -18,10 +18,8 @@ import numpy as np
 import torch
 
 from fae_pipe.cache import schema
-from fae_pipe.data.sharded import ShardedLoader, open_zarr_group
+from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
-
-FAE_FINGERPRINT_ATTR = "fae_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ def read_latent_info(path, group) -> tuple[LatentStoreInfo, np.ndarray | None]:
             raise UserError(f"{path}: no '{schema.LABELS}' array and no '{schema.A_NUM_CLASSES}' attr")
         num_classes = int(np.max(group[schema.LABELS][:])) + 1
     info = LatentStoreInfo(str(path), (c, h, w), views, n, int(num_classes), tuple(mean), tuple(std),
-                           attrs.get(FAE_FINGERPRINT_ATTR))
+                           attrs.get(schema.A_FAE_FINGERPRINT))
     return info, valid
 
 
@@ -82,7 +80,7 @@ class LatentBatches:
 
     def __init__(self, path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  memory_budget_bytes: int = 8 << 30, shuffle_buffer: int = 8):
-        self.info, valid = read_latent_info(path, open_zarr_group(path))
+        self.info, valid = read_latent_info(path, schema.open_group(path))
         self.loader = ShardedLoader(path, [schema.LATENTS], batch_size, seed, rank=rank, world_size=world_size,
                                     memory_budget_bytes=memory_budget_bytes, shuffle_buffer=shuffle_buffer,
                                     sample_mask=valid)

@@ -39,6 +39,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
+from fae_pipe.cache.schema import LABELS, SAMPLE_IDS, open_group
 from fae_pipe.cache.shard_reader import ShardReader
 from fae_pipe.errors import UserError
 
@@ -49,10 +50,17 @@ _ORDER, _WINDOW, _VIEW = 0, 1, 2  # independent random streams per (seed, epoch)
 # reads only the view each sample uses (measured: 0.34x vs 0.85x the in-RAM array
 # for 32x16x16 fp16 latents with 2 views).
 CONTIGUOUS_ROW_BYTES = 4096
-# Shard memory maps kept open. Re-mapping a shard whose pages are still cached costs a
-# page fault per page touched (about as much as reading it), so maps are kept, up to a
-# quarter of the open-file limit (each map holds a descriptor) and at most 4096 shards.
-MAX_MAPPED_SHARDS = max(16, min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+
+
+def default_max_mapped_shards() -> int:
+    """How many shard-array memory maps a loader keeps open, from this process's file limit.
+
+    Re-mapping a shard whose pages are still cached costs a page fault per page touched
+    (about as much as reading it), so maps are kept, up to a quarter of the open-file
+    limit (each map holds a descriptor), at least 16 and at most 4096. Read when a
+    loader is built, so a limit raised after import (``ulimit``, ``setrlimit``) counts.
+    """
+    return max(16, min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
 
 class ShardedLoader:
@@ -68,21 +76,26 @@ class ShardedLoader:
         shuffle_buffer: storage shards per streaming shuffle window.
         sample_mask: bool per sample; False samples are never served (e.g. failed rows).
         random_view: draw a view per sample and epoch; False always serves view 0.
+        max_mapped_shards: shard-array memory maps kept open (None: ``default_max_mapped_shards()``).
     """
 
     def __init__(self, store_path, arrays: list[str], batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, memory_budget_bytes: int = 8 << 30, shuffle_buffer: int = 8,
-                 sample_mask: np.ndarray | None = None, random_view: bool = True):
+                 sample_mask: np.ndarray | None = None, random_view: bool = True,
+                 max_mapped_shards: int | None = None):
         if not arrays:
             raise UserError("sharded loader: no arrays requested; name at least one per-sample array")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or shuffle_buffer < 1:
             raise UserError(f"sharded loader: invalid batch_size={batch_size}, rank={rank}, "
                             f"world_size={world_size}, shuffle_buffer={shuffle_buffer}")
         self.store_path = Path(store_path)
-        self.group = open_zarr_group(self.store_path)
+        self.group = open_group(self.store_path)
         self.names = list(arrays)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.random_view = random_view
+        self.max_mapped_shards = default_max_mapped_shards() if max_mapped_shards is None else int(max_mapped_shards)
+        if self.max_mapped_shards < 1:
+            raise UserError(f"sharded loader: max_mapped_shards={max_mapped_shards} is invalid; it must be >= 1")
         first = self._check_arrays()
         self.num_samples, self.num_views = int(first.shape[0]), int(first.shape[1])
         self.shard_rows = int((first.shards or first.chunks)[0])
@@ -222,7 +235,7 @@ class ShardedLoader:
         if any(m is None for m in maps.values()):
             return {n: r.read(s) for n, r in self._readers.items()}
         self._maps[s] = maps
-        while len(self._maps) * len(self.names) > MAX_MAPPED_SHARDS:
+        while len(self._maps) * len(self.names) > self.max_mapped_shards:
             self._maps.popitem(last=False)
         return maps
 
@@ -234,7 +247,7 @@ class ShardedLoader:
             idx, views = idx[by_block], views[by_block]
         shard = idx // self.shard_rows
         local = idx + self._row0[shard]
-        batch = {"labels": self.labels[idx], "sample_ids": self.sample_ids[idx]}
+        batch = {LABELS: self.labels[idx], SAMPLE_IDS: self.sample_ids[idx]}
         if len(self._blocks) == 1:
             for n, arr in self._blocks[0].items():
                 batch[n] = arr[local, views]
@@ -268,22 +281,12 @@ class ShardedLoader:
 
     def _read_bookkeeping(self) -> tuple[np.ndarray, np.ndarray]:
         keys = set(self.group.array_keys())
-        if "labels" not in keys:
-            raise UserError(f"{self.store_path}: no 'labels' array; a training store needs one int label per sample")
-        labels = np.asarray(self.group["labels"][:], np.int64)
-        ids = (np.asarray(self.group["sample_ids"][:], np.int64) if "sample_ids" in keys
+        if LABELS not in keys:
+            raise UserError(f"{self.store_path}: no '{LABELS}' array; a training store needs one int label per sample")
+        labels = np.asarray(self.group[LABELS][:], np.int64)
+        ids = (np.asarray(self.group[SAMPLE_IDS][:], np.int64) if SAMPLE_IDS in keys
                else np.arange(self.num_samples, dtype=np.int64))
         if labels.shape != (self.num_samples,) or ids.shape != (self.num_samples,):
-            raise UserError(f"{self.store_path}: 'labels'/'sample_ids' must have shape ({self.num_samples},)")
+            raise UserError(f"{self.store_path}: '{LABELS}'/'{SAMPLE_IDS}' must have shape ({self.num_samples},)")
         return labels, ids
 
-
-def open_zarr_group(path) -> zarr.Group:
-    """Open a zarr v3 group read-only; a wrong path is a one-line UserError."""
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise UserError(f"{path} is not a zarr v3 store (no zarr.json); check the path or run the stage that writes it")
-    try:
-        return zarr.open_group(str(path), mode="r")
-    except Exception as e:  # zarr raises several types for a malformed hierarchy
-        raise UserError(f"{path} could not be opened as a zarr group: {type(e).__name__}: {e}") from None

@@ -21,6 +21,9 @@ Choices where the usual references are silent (all deterministic, no randomness)
   others; covered by a test), so the "flip" view's encoder input is exactly the mirror
   of the "orig" view's.
 
+Feature stores record this chain by name in their ``crop`` / ``resize`` attrs
+(``fae_pipe.cache.schema.CROP_POLICY`` / ``RESIZE_POLICY``).
+
 Torch is imported inside ``encoder_input`` only, so ``fae-pipe prepare`` (which only
 checks images) never pays for importing it.
 """
@@ -37,8 +40,6 @@ from fae_pipe.errors import UserError
 VIEWS = ("orig", "flip")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_POLICY = "adm-center-crop(box-halving, bicubic, center); views by horizontal flip"
-RESIZE_POLICY = "pil-bicubic to encoder input, imagenet mean/std"
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _WHITE = (255, 255, 255)

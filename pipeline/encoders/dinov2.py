@@ -190,12 +190,6 @@ class FrozenDinoEncoder(nn.Module):
         depth = len(self.model.blocks)
         return float(2 * params * tokens + 4 * depth * tokens * tokens * self.dim)
 
-    def describe(self) -> dict:
-        """What a cache should record about the encoder that made its features."""
-        return {"encoder": self.name, "weights": self.weights, "weights_fingerprint": self.weights_fingerprint,
-                "input_size": self.input_size, "grid": list(self.grid), "dim": self.dim,
-                "num_prefix_tokens": self.num_prefix_tokens, "precision": self.precision}
-
 
 def build_encoder(name: str, weights: str, input_size: int, device="auto", precision: str = "bf16") -> FrozenDinoEncoder:
     """Build the frozen encoder ``name`` at ``input_size`` px with ``weights`` ("hub", "random" or a file)."""
