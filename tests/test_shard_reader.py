@@ -72,3 +72,43 @@ def test_buffer_must_fit_the_shard(tmp_path):
     reader = ShardReader(group[schema.LATENTS])
     with pytest.raises(ValueError, match="does not fit"):
         reader.read_into(2, np.empty((32, 2, 3, 2, 2), np.float16))  # shard 2 holds only 6 rows
+
+
+@pytest.mark.parametrize("kind", [schema.KIND_FEATURES, schema.KIND_LATENTS])
+def test_stores_the_pipeline_writes_take_the_direct_path(tmp_path, kind):
+    """Guards the zarr pin in setup.cfg: ShardReader parses zarr's shard files itself.
+
+    A zarr release that changes how these stores are laid out (codec pipeline, index
+    place or format, chunk order) must fail here, not silently fall back to the slow
+    zarr path in every training run.
+    """
+    from fae_pipe.cache.shards import write_shard
+
+    path, n, shard = tmp_path / f"{kind}.zarr", 40, 16
+    if kind == schema.KIND_FEATURES:
+        group = schema.create_feature_store(path, n, 2, 4, 3, (2, 2), shard, 4, {})
+    else:
+        group = schema.create_latent_store(path, n, 2, 3, (2, 2), shard, 4, {}, store_std=True)
+    rng = np.random.default_rng(1)
+    for s in range(schema.store_num_shards(group)):  # the writers' own path: one write per array and shard
+        start, stop = schema.shard_bounds(n, shard, s)
+        arrays = {name: rng.standard_normal((stop - start, *group[name].shape[1:])).astype(group[name].dtype)
+                  for name in schema.sample_array_names(group)}
+        write_shard(group, path, s, start, stop, arrays, {}, "hash", 0.0)
+    group = zarr.open_group(str(path), mode="r")
+    for name in schema.sample_array_names(group):
+        arr, reader = group[name], ShardReader(group[name])
+        layout = (f"zarr {zarr.__version__} laid out {kind} array {name!r} as codecs {arr.metadata.codecs}, "
+                  f"chunks {arr.chunks}, shards {arr.shards}")
+        assert reader.direct, f"{layout}: ShardReader does not understand it ({reader.not_direct})"
+        full = schema.shard_file(path, group, name, 0).stat().st_size
+        assert full == shard * reader.row_nbytes + reader.index_nbytes, (
+            f"{layout}: a full shard file is {full} bytes, ShardReader expects the C-order rows "
+            f"({shard * reader.row_nbytes}) then the index ({reader.index_nbytes})")
+        for s in range(schema.store_num_shards(group)):
+            lo, hi = reader.bounds(s)
+            np.testing.assert_array_equal(reader.read(s), arr[lo:hi])
+            np.testing.assert_array_equal(reader.map(s), arr[lo:hi])
+        assert reader.zarr_reads == 0 and reader.direct_reads == 2 * schema.store_num_shards(group), (
+            f"{layout}: {reader.zarr_reads} shard read(s) fell back to zarr: the shard index does not match "
+            "the layout ShardReader expects")

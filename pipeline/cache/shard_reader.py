@@ -30,8 +30,9 @@ from zarr.storage import LocalStore
 class ShardReader:
     """Reads storage shards of one sample-first array (shards split only along dim 0).
 
-    ``direct`` says whether the fast file path is possible for this array at all;
-    ``direct_reads`` / ``zarr_reads`` count how each shard was actually read.
+    ``direct`` says whether the fast file path is possible for this array at all
+    (``not_direct`` says why not); ``direct_reads`` / ``zarr_reads`` count how each
+    shard was actually read.
     """
 
     def __init__(self, array: zarr.Array):
@@ -42,34 +43,41 @@ class ShardReader:
         self.dtype = np.dtype(array.dtype)
         self.row_nbytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
         self.direct_reads = self.zarr_reads = 0
-        self._root = self._direct_root(array)
-        self.direct = self._root is not None
+        self.not_direct = self._layout_problem(array)
+        self.direct = self.not_direct is None
+        self._root = Path(array.store.root) / array.path if self.direct else None
         if self.direct:
             self.chunk_rows = int(array.chunks[0])
             self.chunks_per_shard = self.rows // self.chunk_rows
             self.chunk_nbytes = self.chunk_rows * self.row_nbytes
             self.index_nbytes = 16 * self.chunks_per_shard + 4
 
-    def _direct_root(self, array: zarr.Array) -> Path | None:
-        """The array's directory when its shards can be read as raw C-order bytes, else None."""
+    def _layout_problem(self, array: zarr.Array) -> str | None:
+        """Why the array's shards cannot be read as raw C-order bytes (None: they can)."""
         store = array.store
-        if not isinstance(store, LocalStore) or array.shards is None or self.dtype.hasobject:
-            return None
+        if not isinstance(store, LocalStore):
+            return f"store is {type(store).__name__}, not a LocalStore"
+        if array.shards is None:
+            return "array is not sharded"
+        if self.dtype.hasobject:
+            return f"dtype {self.dtype} holds objects"
         codecs = array.metadata.codecs
         if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            return None
+            return f"codec pipeline {[type(c).__name__ for c in codecs]} is not one ShardingCodec"
         sharding = codecs[0]
         order = self.dtype.byteorder
         little = self.dtype.itemsize == 1 or order == "<" or (order == "=" and np.little_endian)
-        inner_raw = (len(sharding.codecs) == 1 and isinstance(sharding.codecs[0], BytesCodec)
-                     and (sharding.codecs[0].endian is None or sharding.codecs[0].endian.value == "little")
-                     and little)
-        index_ok = ([type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
-                    and sharding.index_location == ShardingCodecIndexLocation.end)
-        split_on_samples_only = tuple(array.shards[1:]) == self.row_shape == tuple(array.chunks[1:])
-        if not (inner_raw and index_ok and split_on_samples_only):
-            return None
-        return Path(store.root) / array.path
+        inner = sharding.codecs
+        if not (len(inner) == 1 and isinstance(inner[0], BytesCodec)
+                and (inner[0].endian is None or inner[0].endian.value == "little") and little):
+            return f"inner codecs {[type(c).__name__ for c in inner]} are not little-endian BytesCodec only"
+        index = [type(c) for c in sharding.index_codecs]
+        if index != [BytesCodec, Crc32cCodec] or sharding.index_location != ShardingCodecIndexLocation.end:
+            return (f"shard index {[t.__name__ for t in index]} at the {sharding.index_location.value} is not "
+                    "BytesCodec + Crc32cCodec at the end")
+        if not tuple(array.shards[1:]) == self.row_shape == tuple(array.chunks[1:]):
+            return f"shards {array.shards} / chunks {array.chunks} split more than the sample axis"
+        return None
 
     def bounds(self, shard_index: int) -> tuple[int, int]:
         lo = shard_index * self.rows
