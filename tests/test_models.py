@@ -7,7 +7,7 @@ import torch
 
 from fae_pipe.errors import UserError
 from fae_pipe.models.fae_encoder import DiagonalGaussian
-from fae_pipe.models.layers import Rope2D, apply_rope, attention, sincos_2d
+from fae_pipe.models.layers import Rope2D, SelfAttention, apply_rope, attention, set_attention_backend, sincos_2d
 from fae_pipe.models.registry import count_parameters, create_model, fae_parts, list_models
 
 
@@ -108,6 +108,28 @@ def test_sdpa_matches_naive_attention():
     q, k, v = (torch.randn(2, 3, 10, 16, dtype=torch.float64) for _ in range(3))
     weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(16), dim=-1)
     assert torch.allclose(attention(q, k, v), weights @ v, atol=1e-5)
+
+
+def test_attention_backend_is_explicit_and_cpu_falls_back_to_sdpa():
+    torch.manual_seed(0)
+    model = create_model(fae_parts("fae_tiny")["feature_decoder"])
+    layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    assert layers and all(m.backend == "sdpa" for m in layers)  # nothing switches because of an import
+    x = torch.randn(2, 64, 8)
+    ref = model(x)
+    assert set_attention_backend([model, None], "xformers") is not None
+    assert all(m.backend == "xformers" for m in layers)
+    assert torch.equal(model(x), ref)  # CPU tensors: xformers has no CPU kernel, SDPA runs
+    with pytest.raises(UserError, match="runtime.attention = 'flash' is invalid: expected one of sdpa, xformers"):
+        set_attention_backend(model, "flash")
+
+
+def test_xformers_asked_for_on_cuda_but_missing_is_one_line_error(monkeypatch):
+    from fae_pipe.models import layers
+
+    monkeypatch.setattr(layers, "_XFORMERS", False)  # as when xformers does not import
+    with pytest.raises(UserError, match="runtime.attention = 'xformers' but xformers does not import"):
+        layers._require_xformers()  # what a CUDA tensor with backend "xformers" calls
 
 
 def test_rope_is_rotation_with_relative_dot_products():

@@ -20,17 +20,22 @@ from fae_pipe.cache import schema
 from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import FeatureAutoencoder, tokens_to_grid
 from fae_pipe.fae.channel_stats import shard_moments
+from fae_pipe.models.layers import check_attention_backend, set_attention_backend
 
 
 class EncodeTask:
-    """Features shard -> latents shard (+ per-channel moments in the completion record)."""
+    """Features shard -> latents shard (+ per-channel moments in the completion record).
+
+    ``attention``: the FAE encoder's attention kernel ("sdpa" or "xformers", ``runtime.attention``).
+    """
 
     def __init__(self, fae_path: str, fae_fingerprint: str, features_path: str, batch_size: int,
-                 device: str, store_std: bool):
+                 device: str, store_std: bool, attention: str = "sdpa"):
         self.fae_path, self.features_path = fae_path, features_path
         self.batch_size, self.device_name, self.store_std = batch_size, device, store_std
+        self.attention = check_attention_backend(attention)
         # the runner reuses a prepared task per process by this key: it must name every setting
-        self.cache_key = f"encode:{fae_fingerprint}:{features_path}:{device}:{batch_size}:{store_std}"
+        self.cache_key = f"encode:{fae_fingerprint}:{features_path}:{device}:{batch_size}:{store_std}:{attention}"
         self.fae = None
         self.group = None
 
@@ -43,6 +48,7 @@ class EncodeTask:
         from fae_pipe.device import pick_device
 
         self.fae = FeatureAutoencoder.load(self.fae_path, stats=False, device=pick_device(self.device_name))
+        set_attention_backend((self.fae.encoder, self.fae.feature_decoder), self.attention)
         self.group, _ = schema.open_store(self.features_path)
 
     @torch.no_grad()

@@ -4,7 +4,8 @@ The FAE encoder, both decoders and the SiT backbone are all transformers over a
 2-D grid of tokens; they differ in what goes in and out, not in how attention,
 normalisation, MLPs or positions work. Keeping those pieces here means one place
 to get right (and to test): attention dispatch, RMSNorm, SwiGLU, 2-D RoPE and the
-fixed sin-cos table.
+fixed sin-cos table. The attention kernel is a per-layer value (``SelfAttention.backend``,
+"sdpa" unless ``set_attention_backend`` says otherwise).
 
 Tensor layout inside attention is (batch, heads, tokens, head_dim), the layout
 ``torch.nn.functional.scaled_dot_product_attention`` takes.
@@ -20,7 +21,8 @@ from torch import nn
 
 from fae_pipe.errors import UserError
 
-_XFORMERS = None  # None: not tried yet; False: unavailable; else the xformers.ops module
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+_XFORMERS = None  # import memo: None not tried yet, False unavailable, else the xformers.ops module
 
 
 def _xformers_ops():
@@ -28,7 +30,7 @@ def _xformers_ops():
     global _XFORMERS
     if _XFORMERS is None:
         try:
-            import xformers.ops as xops  # optional extra; has no CPU kernels
+            import xformers.ops as xops  # optional extra (``pip install fae-pipe[cuda]``)
 
             _XFORMERS = xops
         except Exception:  # ImportError, or a build that fails to load against this torch
@@ -36,20 +38,56 @@ def _xformers_ops():
     return _XFORMERS
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _require_xformers():
+    """xformers.ops, or a one-line UserError: xformers was asked for on CUDA and does not import."""
+    xops = _xformers_ops()
+    if not xops:
+        raise UserError("runtime.attention = 'xformers' but xformers does not import here; "
+                        "install it (pip install 'fae-pipe[cuda]') or set runtime.attention=sdpa")
+    return xops
+
+
+def check_attention_backend(backend: str, key: str = "runtime.attention") -> str:
+    """Return ``backend`` if it names an attention kernel, else a one-line UserError naming ``key``."""
+    if backend not in ATTENTION_BACKENDS:
+        raise UserError(f"{key} = {backend!r} is invalid: expected one of {', '.join(ATTENTION_BACKENDS)}")
+    return backend
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
     """Softmax attention over (B, H, N, Dh) tensors, returning (B, H, N, Dh).
 
-    PyTorch SDPA is the default everywhere: on CPU it matches naive attention to
-    ~1e-6 and is several times faster. xformers' memory-efficient kernel is used
-    only for CUDA tensors and only when xformers imports, because it has no CPU
-    path at all.
+    ``backend`` is chosen explicitly, never by what happens to be installed:
+    "sdpa" (default) is PyTorch's ``scaled_dot_product_attention`` on every device
+    (on CPU it matches naive attention to ~1e-6 and is several times faster);
+    "xformers" uses xformers' memory-efficient kernel for CUDA tensors, and is a
+    UserError there when xformers does not import. xformers has no CPU kernel, so
+    CPU tensors always take SDPA, also when "xformers" was asked for (a model
+    configured for a GPU still runs in CPU tests and tools).
     """
-    if q.is_cuda:
-        xops = _xformers_ops()
-        if xops:
-            out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return out.transpose(1, 2)
+    if check_attention_backend(backend) == "xformers" and q.is_cuda:
+        out = _require_xformers().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+def set_attention_backend(module, backend: str):
+    """Set the attention kernel of every ``SelfAttention`` in ``module``; returns ``module``.
+
+    ``module`` is a model or an iterable of models (None entries skipped, e.g. the
+    parts of a ``FeatureAutoencoder`` without a pixel decoder). The one switch for built
+    models (FAE, decoders, SiT), so the kernel is a value passed from the config
+    (``runtime.attention``) rather than a side effect of what imports.
+    """
+    check_attention_backend(backend)
+    models = [module] if isinstance(module, nn.Module) else [m for m in module if m is not None]
+    if backend == "xformers" and any(p.is_cuda for m in models for p in m.parameters()):
+        _require_xformers()  # fail before the first batch, not in the middle of a run
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, SelfAttention):
+                m.backend = backend
+    return module
 
 
 class RMSNorm(nn.Module):
@@ -215,10 +253,14 @@ class SelfAttention(nn.Module):
 
     ``head_dim`` is independent of ``dim`` so a layer can attend in a wider space
     than its tokens (the FAE encoder: 1536-d tokens, 24 x 256 = 6144-d attention).
+    ``backend`` is the attention kernel (see ``attention``); set it model-wide with
+    ``set_attention_backend``.
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int | None = None, bias: bool = True):
+    def __init__(self, dim: int, heads: int, head_dim: int | None = None, bias: bool = True,
+                 backend: str = "sdpa"):
         super().__init__()
+        self.backend = check_attention_backend(backend, "model attention backend")
         if head_dim is None:
             if dim % heads:
                 raise UserError(f"model attention: width {dim} is not divisible by heads {heads}")
@@ -232,7 +274,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v)
+        out = attention(q, k, v, self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 

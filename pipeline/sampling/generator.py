@@ -24,6 +24,7 @@ import torch
 
 from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import FeatureAutoencoder
+from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.sampling.plan import batch_generator, sample_noise
 from fae_pipe.training.checkpoint import file_fingerprint
 from fae_pipe.training.sit_export import build_sit_from_export, load_sit_export
@@ -71,8 +72,12 @@ class ImageGenerator:
 
     @classmethod
     def load(cls, sit_path, fae_path, decoder_path, use_ema: bool = True,
-             device: torch.device | str = "cpu") -> "ImageGenerator":
-        """Load and cross-check ``sit.pt``, ``fae.pt`` and ``decoder.pt``."""
+             device: torch.device | str = "cpu", attention: str = "sdpa") -> "ImageGenerator":
+        """Load and cross-check ``sit.pt``, ``fae.pt`` and ``decoder.pt``.
+
+        ``attention`` is the attention kernel of every model ("sdpa" or "xformers", the
+        ``runtime.attention`` setting; see ``fae_pipe.models.layers.attention``).
+        """
         export = load_sit_export(sit_path)
         check_fae_match(export, sit_path, fae_path)
         if use_ema and export.get("ema_state_dict") is None:
@@ -85,7 +90,8 @@ class ImageGenerator:
                             f"{fae.latent_channels}x{fae.grid[0]}x{fae.grid[1]}: use the FAE the SiT was trained for")
         stats = export["latent_stats"]
         transport = export.get("transport") or {}
-        sit = build_sit_from_export(export, use_ema=use_ema).to(device)
+        sit = set_attention_backend(build_sit_from_export(export, use_ema=use_ema).to(device), attention)
+        set_attention_backend((fae.encoder, fae.feature_decoder, fae.pixel_decoder), attention)
         num_classes = int(export["num_classes"])
         return cls(sit, fae, stats["channel_mean"], stats["channel_std"], shape, num_classes,
                    float(transport.get("shift_factor", 1.0)), int(transport.get("null_class", num_classes)), device)
