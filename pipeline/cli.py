@@ -1,129 +1,212 @@
 """The ``fae-pipe`` command line: thin over the stage functions in ``fae_pipe.stages``.
 
-Options are generated from the config schema (``fae_pipe.config``), so every
-config key of a stage's sections is an option: keys of the stage's own section
-as ``--key-name``, keys of the other sections it reads as ``--section-key-name``.
-``--config FILE`` picks the YAML file (default ``params.yaml``) and ``--set
-section.key=value`` overrides any key. Stage modules are imported only when their
-command runs, so ``train-sit`` never imports the image encoder.
+Config keys are set one way: ``--config FILE`` picks the YAML file (default
+``params.yaml`` when present) and ``--set SECTION.KEY=VALUE`` (repeatable) overrides
+any key; both go through ``fae_pipe.config.load_config``, the one validation path.
+The few flags typed daily are shorthand for a ``--set`` of one key (``extract
+--shards N`` is ``--set extract.shards=N``); giving a flag and a ``--set`` of the
+same key is an error, not a silent choice. The remaining flags (``--resume``,
+``--overwrite``, ``--synthetic``) are arguments of the stage's ``run``, not config.
+``fae-pipe <command> --help`` lists the keys of the sections the command reads
+with their current values. Stage modules are imported only when their command runs,
+so ``train-sit`` never imports the image encoder.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from dataclasses import MISSING
+from typing import NamedTuple
 
 import click
+import yaml
 
 from fae_pipe import config as C
 from fae_pipe.errors import UserError
 
-# command -> (stage module, sections it reads (own first), one-line help, extra click params)
-RESUME = click.Option(["--resume"], is_flag=False, flag_value="latest", default=None,
-                      help="continue from the latest checkpoint of the run directory (--resume), a checkpoint file (--resume PATH), "
-                           "or the latest one only if made with the same settings (--resume auto, used by dvc.yaml)")
+
+class KeyOption(click.Option):
+    """A daily flag that is shorthand for ``--set KEY=VALUE`` (translated into the same override)."""
+
+    def __init__(self, flag: str, key: str, metavar: str | None = None):
+        """``metavar`` None: a bare flag setting the (boolean) key to true."""
+        fields = {k: f for section in C.section_names() for k, f in C.iter_keys(section)}
+        is_flag = metavar is None
+        value = "true" if is_flag else metavar
+        help_text = f"{fields[key].metadata['help']} (same as --set {key}={value})"
+        super().__init__([flag], default=None, metavar=metavar, is_flag=is_flag,
+                         flag_value="true" if is_flag else None, help=help_text)
+        self.key = key
+
+
+def shards(section: str) -> tuple[click.Option, ...]:
+    """The dask flags of ``extract`` and ``encode``."""
+    return (KeyOption("--shards", f"{section}.shards", "N"),
+            KeyOption("--workers", f"{section}.workers", "N"),
+            KeyOption("--scheduler", f"{section}.scheduler", "ADDR"))
+
+
+RESUME = click.Option(["--resume"], is_flag=False, flag_value="latest", default=None, metavar="[PATH|auto]",
+                      help="continue from the latest checkpoint of the run directory (--resume), a checkpoint file "
+                           "(--resume PATH), or the latest one only if made with the same settings (--resume auto, "
+                           "used by dvc.yaml)")
 OVERWRITE = click.Option(["--overwrite"], is_flag=True, default=False,
                          help="replace a store made with a different config instead of refusing")
-COMMANDS: dict[str, tuple[str, list[str], str, list[click.Parameter]]] = {
-    "prepare": ("prepare", ["data", "paths"],
-                "Write the dataset index (and the offline demo image folder with --demo).", []),
-    "extract": ("extract", ["extract", "encoder", "data", "paths"],
-                "Extract frozen DINOv2 features into the sharded zarr store.", [OVERWRITE]),
-    "train-fae": ("train_fae", ["fae", "paths"],
-                  "Train the FAE encoder + feature decoder from the feature store alone.", [RESUME]),
-    "train-decoder": ("train_decoder", ["decoder", "fae", "data", "encoder", "paths"],
-                      "Train the pixel decoder on cached features and the source pixels.", [RESUME]),
-    "encode": ("encode", ["encode", "extract", "fae", "paths"],
-               "Encode the feature store into the compact latent store.", [OVERWRITE]),
-    "train-sit": ("train_sit", ["sit", "paths"],
-                  "Train SiT on the cached latents only (Accelerate).", [RESUME]),
-    "sample": ("sample", ["sample", "sit", "fae", "paths"],
-               "Sample latents with SiT and decode them to images.", []),
-    "evaluate": ("evaluate", ["evaluate", "sample", "encoder", "data", "fae", "paths"],
-                 "FD-DINOv2, FID/IS (local Inception weights), precision/recall, reconstruction metrics.", []),
-    "probe": ("probe", ["probe", "fae", "paths"],
-              "Linear probe on encoder features, FAE latents and reconstructed features.", []),
+
+
+class Stage(NamedTuple):
+    module: str                 # fae_pipe.stages.<module>
+    sections: list[str]         # config sections it reads (own first); shown by --help
+    help: str
+    params: tuple = ()          # KeyOption shorthands and arguments of the stage's run()
+
+
+ATTENTION = "runtime"  # the section of every command that builds an attention model
+COMMANDS: dict[str, Stage] = {
+    "prepare": Stage("prepare", ["data", "paths"],
+                     "Write the dataset index (and the offline demo image folder with --demo).",
+                     (KeyOption("--demo", "data.demo"),)),
+    "extract": Stage("extract", ["extract", "image_encoder", "data", "paths"],
+                     "Extract frozen DINOv2 features into the sharded zarr store.", (*shards("extract"), OVERWRITE)),
+    "train-fae": Stage("train_fae", ["fae", "paths", ATTENTION],
+                       "Train the FAE encoder + feature decoder from the feature store alone.", (RESUME,)),
+    "train-decoder": Stage("train_decoder", ["decoder", "fae", "data", "image_encoder", "paths", ATTENTION],
+                           "Train the pixel decoder on cached features and the source pixels.", (RESUME,)),
+    "encode": Stage("encode", ["encode", "extract", "fae", "paths", ATTENTION],
+                    "Encode the feature store into the compact latent store.", (*shards("encode"), OVERWRITE)),
+    "train-sit": Stage("train_sit", ["sit", "paths", ATTENTION],
+                       "Train SiT on the cached latents only (Accelerate).", (RESUME,)),
+    "sample": Stage("sample", ["sample", "sit", "fae", "paths", ATTENTION],
+                    "Sample latents with SiT and decode them to images."),
+    "evaluate": Stage("evaluate", ["evaluate", "sample", "image_encoder", "data", "fae", "paths", ATTENTION],
+                      "FD-DINOv2, FID/IS (local Inception weights), precision/recall, reconstruction metrics."),
+    "probe": Stage("probe", ["probe", "fae", "paths", ATTENTION],
+                   "Linear probe on encoder features, FAE latents and reconstructed features."),
 }
-BENCHES: dict[str, tuple[str, list[str], str, list[click.Parameter]]] = {
-    "extract": ("bench_extract", ["extract", "encoder", "data", "paths"],
-                "Images/s: bare encoder vs full extract path vs naive per-image .npy extractor.", []),
-    "loader": ("bench_loader", ["sit", "paths"],
-               "Samples/s: latent loader vs in-RAM array vs one .npy file per sample.",
-               [click.Option(["--synthetic"], default=None, metavar="NxCxHxW",
-                             help="bench a temporary store of N random samples (2 views) shaped CxHxW "
-                                  "instead of paths.latents, e.g. 16384x32x16x16 for the paper's latents")]),
-    "train-step": ("bench_train_step", ["sit", "encoder", "fae", "data", "paths"],
-                   "SiT steps/s on cached latents vs the online encoder path, with the FLOP-expected ratio.",
-                   [click.Option(["--synthetic"], type=int, default=None, metavar="N",
-                                 help="bench a temporary store of random latents for the first N images of "
-                                      "paths.index, shaped by the configured encoder and FAE, instead of paths.latents")]),
+BENCHES: dict[str, Stage] = {
+    "extract": Stage("bench_extract", ["extract", "image_encoder", "data", "paths"],
+                     "Images/s: bare encoder vs full extract path vs naive per-image .npy extractor."),
+    "loader": Stage("bench_loader", ["sit", "paths"],
+                    "Samples/s: latent loader vs in-RAM array vs one .npy file per sample.",
+                    (click.Option(["--synthetic"], default=None, metavar="NxCxHxW",
+                                  help="bench a temporary store of N random samples (2 views) shaped CxHxW "
+                                       "instead of paths.latents, e.g. 16384x32x16x16 for the paper's latents"),)),
+    "train-step": Stage("bench_train_step", ["sit", "image_encoder", "fae", "data", "paths", ATTENTION],
+                        "SiT steps/s on cached latents vs the online encoder path, with the FLOP-expected ratio.",
+                        (click.Option(["--synthetic"], type=int, default=None, metavar="N",
+                                      help="bench a temporary store of random latents for the first N images of "
+                                           "paths.index, shaped by the configured encoder and FAE, instead of "
+                                           "paths.latents"),)),
 }
 
-
-def _option_name(section: str, own: str, name: str) -> str:
-    flag = name.replace("_", "-")
-    return f"--{flag}" if section == own else f"--{section}-{flag}"
+KEY_COLUMN = 40  # characters of `key = value` before the help column
+CHOICES_SHOWN = 40  # characters: longer choice lists are left to the error message of a bad value
 
 
-def _current_defaults() -> C.Config:
-    """The config ``--help`` shows as defaults: params.yaml when readable, else the built-in one."""
+def _value_text(value) -> str:
+    """A value as it is written in YAML and in ``--set`` (``0.0001``, ``true``, ``[orig, flip]``, ``''``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text[:-3].strip() if text.endswith("\n...") else text
+
+
+def current_config(config_file: str | None) -> tuple[C.Config, str]:
+    """The config ``--help`` shows and where it came from: the file when it loads, else the defaults and why."""
     try:
-        return C.load_config()
-    except UserError:
-        return C.Config()
+        cfg = C.load_config(config_file)
+    except UserError as e:
+        return C.Config(), f"the defaults, as the file does not load: {e}"
+    return cfg, (f"the defaults (no {C.DEFAULT_CONFIG} here)" if cfg.source == "<defaults>" else cfg.source)
 
 
-def _build_command(table: dict, cmd: str) -> click.Command:
-    module, sections, help_text, extra = table[cmd]
-    shown = _current_defaults()
-    params: list[click.Parameter] = [
-        click.Option(["--config", "config_file"], type=click.Path(dir_okay=False), default=None,
-                     help=f"YAML config file [default: {C.DEFAULT_CONFIG} when present]"),
-        click.Option(["--set", "sets"], multiple=True, metavar="SECTION.KEY=VALUE",
-                     help="override any config key (repeatable)"),
-    ]
-    keymap: dict[str, str] = {}
-    for section in sections:
-        for f in C.section_fields(section):
-            opt = _option_name(section, sections[0], f.name)
-            dest = f"{section}__{f.name}"
-            keymap[dest] = f"{section}.{f.name}"
-            current = getattr(getattr(shown, section), f.name)
-            ftype = f.type if isinstance(f.type, type) else None
-            is_bool = ftype is bool or f.type == "bool" or (f.default is not MISSING and isinstance(f.default, bool))
-            decls = [f"{opt}/--no-{opt[2:]}" if is_bool else opt, dest]
-            metavar = {"int": "INT", "float": "FLOAT", "list": "LIST"}.get(str(f.type), "TEXT")
-            params.append(click.Option(decls, default=None, show_default=False, metavar=None if is_bool else metavar,
-                                       help=f"{f.metadata['help']} [{section}.{f.name}: {current!r}]"))
-    params.extend(extra)
+def _old_flag_keys(option: str, sections: list[str]) -> list[str]:
+    """``--lr`` -> ``[sit.train.lr]``: the keys an old per-key flag of these sections meant."""
+    name = option.lstrip("-").removeprefix("no-").replace("-", "_")
+    keys = [k for s in sections for k, _ in C.iter_keys(s)]
+    return [k for k in keys if k.replace(".", "_") == name or k.replace(".", "_").endswith("_" + name)]
 
-    def callback(config_file, sets, **kwargs):
-        overrides = {keymap[k]: v for k, v in kwargs.items() if k in keymap and v is not None}
-        for item in sets:
-            if "=" not in item:
-                raise UserError(f"--set {item!r} is invalid: expected SECTION.KEY=VALUE")
-            key, value = item.split("=", 1)
-            overrides[key.strip()] = value
+
+class StageCommand(click.Command):
+    """A stage command whose help lists the config keys it reads, with current values, before the flags."""
+
+    def __init__(self, name: str, stage: Stage):
+        params = [
+            # eager, so `--config FILE --help` shows FILE's values (eager params run in command-line order)
+            click.Option(["--config", "config_file"], type=click.Path(dir_okay=False), default=None, is_eager=True,
+                         metavar="FILE", help=f"YAML config file [default: {C.DEFAULT_CONFIG} when present]"),
+            click.Option(["--set", "sets"], multiple=True, metavar="SECTION.KEY=VALUE",
+                         help="override one config key (repeatable); the keys are listed above"),
+            *stage.params,
+        ]
+        super().__init__(name, params=params, callback=self.run_stage, help=stage.help, short_help=stage.help)
+        self.stage = stage
+
+    def run_stage(self, config_file, sets, **flags):
+        overrides = C.parse_sets(sets)
+        for param in self.params:
+            if isinstance(param, KeyOption):
+                value = flags.pop(param.name)
+                if value is None:
+                    continue
+                if param.key in overrides:
+                    raise UserError(f"{param.opts[0]} and --set {param.key}=... both set {param.key}: give one")
+                overrides[param.key] = value
         cfg = C.load_config(config_file, overrides)
-        flags = {k: v for k, v in kwargs.items() if k not in keymap}
-        stage = importlib.import_module(f"fae_pipe.stages.{module}")
-        stage.run(cfg, **flags)
+        module = importlib.import_module(f"fae_pipe.stages.{self.stage.module}")
+        module.run(cfg, **flags)
 
-    return click.Command(cmd, params=params, callback=callback, help=help_text, short_help=help_text)
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            keys = _old_flag_keys(e.option_name, self.stage.sections)
+            if keys:
+                hint = "config keys are set with --set, e.g. " + " or ".join(f"--set {k}=VALUE" for k in keys[:3])
+            elif e.possibilities:  # a typo of one of this command's flags: click's "Did you mean" says it best
+                raise
+            else:
+                hint = "config keys are set with --set SECTION.KEY=VALUE (see --help)"
+            raise click.NoSuchOption(e.option_name, message=f"no such option: {e.option_name}; {hint}",
+                                     ctx=ctx) from None
+
+    def format_help(self, ctx, formatter):
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        self.format_keys(ctx, formatter)
+        self.format_options(ctx, formatter)
+        self.format_epilog(ctx, formatter)
+
+    def format_keys(self, ctx, formatter):
+        cfg, source = current_config(ctx.params.get("config_file"))
+        groups = []
+        for section in self.stage.sections:
+            rows = []
+            for key, f in C.iter_keys(section):
+                text = f.metadata.get("help") or ""
+                choices = f.metadata.get("choices")
+                if choices and len(" ".join(map(str, choices))) <= CHOICES_SHOWN:
+                    text += f" [{'|'.join(map(str, choices))}]"
+                rows.append((f"{key} = {_value_text(C.get_key(cfg, key))}", text))
+            groups.append((section, rows))
+        # one help column for all sections: pad the terms (a longer term gets its help on the next line)
+        width = min(KEY_COLUMN, max(len(term) for _, rows in groups for term, _ in rows))
+        formatter.write_paragraph()
+        formatter.write_text(f"Config keys it reads (change with --set KEY=VALUE); current values from {source}:")
+        for section, rows in groups:
+            with formatter.section(section):
+                formatter.write_dl([(term.ljust(width), text) for term, text in rows], col_max=KEY_COLUMN)
 
 
 class LazyGroup(click.Group):
-    """Builds each stage command on demand so ``--help`` of one stage stays fast."""
+    """Builds each stage command on demand; the stage module is imported only when the command runs."""
 
-    table: dict = COMMANDS
+    table: dict[str, Stage] = COMMANDS
 
     def list_commands(self, ctx):
         return sorted(set(self.table) | set(super().list_commands(ctx)))
 
     def get_command(self, ctx, name):
         if name in self.table:
-            return _build_command(self.table, name)
+            return StageCommand(name, self.table[name])
         return super().get_command(ctx, name)
 
 
@@ -169,12 +252,12 @@ def verify_cmd(path, index_path):
 
 
 @cli.command("config")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None)
-@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help=f"YAML config file [default: {C.DEFAULT_CONFIG} when present]")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)")
 def show_config(config_file, sets):
-    """Print the resolved config (defaults < file < overrides) as YAML."""
-    overrides = dict(s.split("=", 1) for s in sets if "=" in s)
-    click.echo(C.dump_config(C.load_config(config_file, overrides)), nl=False)
+    """Print the resolved config (defaults < file < overrides) as YAML, validated like every stage."""
+    click.echo(C.dump_config(C.load_config(config_file, C.parse_sets(sets))), nl=False)
 
 
 def main(argv=None) -> None:

@@ -45,8 +45,8 @@ def test_bench_train_step_on_the_cached_store(tiny, capsys):
 
 def test_bench_train_step_synthetic_store_follows_the_configured_shapes(tiny, capsys):
     # a 4x4 grid at 56 px: the temporary store must take its shape from the encoder and FAE, not paths.latents
-    main(["bench", "train-step", "--config", str(tiny), "--synthetic", "20", "--encoder-input-size", "56",
-          "--batch-size", "4", "--set", "sit.model=sit_s"])
+    main(["bench", "train-step", "--config", str(tiny), "--synthetic", "20", "--set", "image_encoder.input_size=56",
+          "--set", "sit.train.batch_size=4", "--set", "sit.model=sit_s"])
     out = capsys.readouterr().out
     assert "sit_s on 8x4x4 latents" in out and "@ 56px" in out
     with pytest.raises(SystemExit) as e:

@@ -75,7 +75,7 @@ def test_dask_local_cluster_matches_in_process(work):
 def test_sigkill_then_resume_is_bit_identical(work):
     store = work / "cache/killed.zarr"
     proc = popen(work, "extract", "--config", "tiny.yaml", "--set", "paths.features=cache/killed.zarr",
-                 "--shards", "3", "--data-decode-workers", "0")
+                 "--shards", "3", "--set", "data.decode_workers=0")
     done_dir = store / ".fae/done"
     deadline = time.monotonic() + 240
     while not (done_dir.is_dir() and any(done_dir.glob("shard-*.json"))):
@@ -100,7 +100,7 @@ def test_sigkill_then_resume_is_bit_identical(work):
 def test_other_config_refused_unless_overwrite(work):
     shutil.copytree(work / "cache/features.zarr", work / "cache/other.zarr")
     args = ("extract", "--config", "tiny.yaml", "--set", "paths.features=cache/other.zarr",
-            "--encoder-precision", "fp32")
+            "--set", "image_encoder.precision=fp32")
     line = one_line_error(cli(work, *args))
     assert "cache/other.zarr was made with a different config" in line and "--overwrite" in line
     assert zarr.open_group(str(work / "cache/other.zarr"), mode="r").attrs["encoder"]["precision"] == "bf16"

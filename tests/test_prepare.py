@@ -77,7 +77,7 @@ def test_cli_exit_codes_for_fail_and_skip(tmp_path):
     assert len(err) == 1 and err[0].startswith("fae-pipe: error: image '") and "broken.png" in err[0]
     assert not (tmp_path / "cache" / "index.json").exists()
 
-    ok = run_cli(tmp_path, "--config", "cfg.yaml", "--on-error", "skip")
+    ok = run_cli(tmp_path, "--config", "cfg.yaml", "--set", "data.on_error=skip")
     assert ok.returncode == 0, ok.stderr
     lines = ok.stdout.strip().splitlines()
     assert lines[0].startswith("skipped b/broken.png: ")

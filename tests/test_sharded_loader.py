@@ -225,8 +225,8 @@ def test_bench_loader_synthetic_store_through_the_cli(tmp_path):
     store = write_random_latent_store(tmp_path / "s.zarr", (40, 2, 3, 2, 2), shard_samples=16, chunk_samples=8)
     data = LatentBatches(store, 4, seed=0)  # a store training accepts: stats, labels, valid
     assert data.info.shape == (3, 2, 2) and data.info.views == 2 and data.loader.num_shards == 3
-    cli = [sys.executable, "-m", "fae_pipe.cli", "bench", "loader", "--paths-metrics", str(tmp_path),
-           "--batch-size", "8"]
+    cli = [sys.executable, "-m", "fae_pipe.cli", "bench", "loader", "--set", f"paths.metrics={tmp_path}",
+           "--set", "sit.train.batch_size=8"]
     out = subprocess.run(cli + ["--synthetic", "300x4x2x2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "300 samples x 2 views x (4, 2, 2)" in out.stdout
