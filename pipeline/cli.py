@@ -241,8 +241,9 @@ def inspect_cmd(path):
 def verify_cmd(path, index_path):
     """Check every shard of a store (complete, finite, counts, labels); exit 1 on any defect."""
     from fae_pipe.cache.inspect import verify_store
+    from fae_pipe.data.index import read_index
 
-    defects = verify_store(path, index_path)
+    defects = verify_store(path, index_path, read_index=read_index)
     for line in defects:
         click.echo(f"DEFECT {line}")
     if defects:

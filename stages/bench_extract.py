@@ -54,7 +54,7 @@ def _naive(enc, index, n: int, cfg: Config, out_dir: Path) -> float:
                 pixels = load_pixels(index.abspath(i), cfg.data.image_size, cfg.data.views)
             except ImageDecodeError:
                 continue
-            patch, _ = enc.encode(encoder_input(pixels, cfg.encoder.input_size))
+            patch, _ = enc.encode(encoder_input(pixels, cfg.image_encoder.input_size))
             np.save(out_dir / f"{i:07d}.npy", patch.numpy().astype(np.float32))
     return n / (time.perf_counter() - t0)
 
@@ -67,28 +67,28 @@ def run(cfg: Config) -> None:
     index = read_index(cfg.paths.index)
     n = min(MAX_IMAGES, len(index))
     threads = set_torch_threads(cfg.extract.threads, cfg.extract.workers)
-    spec = {"name": cfg.encoder.name, "weights": cfg.encoder.weights, "input_size": cfg.encoder.input_size,
-            "device": cfg.encoder.device, "precision": cfg.encoder.precision}
+    spec = {"name": cfg.image_encoder.name, "weights": cfg.image_encoder.weights, "input_size": cfg.image_encoder.input_size,
+            "device": cfg.image_encoder.device, "precision": cfg.image_encoder.precision}
     enc = build_encoder_from(spec)
     views = len(cfg.data.views)
-    print(f"bench extract: first {n} of {len(index)} index images (capped at {MAX_IMAGES}), {cfg.encoder.name} "
-          f"{cfg.encoder.precision} at {cfg.encoder.input_size} px on {enc.device}, {views} view(s) per image, "
-          f"batch {cfg.encoder.batch_size} images, {threads} torch thread(s), "
+    print(f"bench extract: first {n} of {len(index)} index images (capped at {MAX_IMAGES}), {cfg.image_encoder.name} "
+          f"{cfg.image_encoder.precision} at {cfg.image_encoder.input_size} px on {enc.device}, {views} view(s) per image, "
+          f"batch {cfg.image_encoder.batch_size} images, {threads} torch thread(s), "
           f"{cfg.data.decode_workers} decode thread(s)", flush=True)
     inputs = []
     for i in range(n):
         try:
             inputs.append(encoder_input(load_pixels(index.abspath(i), cfg.data.image_size, cfg.data.views),
-                                        cfg.encoder.input_size))
+                                        cfg.image_encoder.input_size))
         except ImageDecodeError:
             continue
-    bare = _bare_forward(enc, inputs, cfg.encoder.batch_size)
+    bare = _bare_forward(enc, inputs, cfg.image_encoder.batch_size)
     scratch = Path(tempfile.mkdtemp(prefix="fae-bench-extract-"))
     try:
         naive = _naive(enc, index, n, cfg, scratch / "naive")
         result = extract_features(cfg, str(scratch / "features.zarr"), limit=n)
         full = result.images_per_s
-        bare = max(bare, _bare_forward(enc, inputs, cfg.encoder.batch_size))  # ceiling: best of two runs
+        bare = max(bare, _bare_forward(enc, inputs, cfg.image_encoder.batch_size))  # ceiling: best of two runs
         store_mib = result.stored_bytes() / 2**20
         npy_mib = sum(p.stat().st_size for p in (scratch / "naive").glob("*.npy")) / 2**20
     finally:

@@ -106,7 +106,7 @@ def run(cfg, synthetic: str | None = None, min_samples: int = MIN_SAMPLES, repea
 
 
 def _run(cfg, path: Path, min_samples: int, repeats: int) -> dict:
-    s = cfg.sit
+    s = cfg.sit.train
     group = schema.open_group(path)
     LatentBatches(path, 1, s.seed)  # refuses a store that training would refuse
     arr = group[schema.LATENTS]

@@ -40,9 +40,9 @@ from fae_pipe.data.index import read_index
 from fae_pipe.data.latents import LatentBatches
 from fae_pipe.data.transforms import encoder_input, load_pixels
 from fae_pipe.encoders.dinov2 import PATCH, build_encoder
+from fae_pipe.artifacts import seeded_generator
 from fae_pipe.errors import UserError
 from fae_pipe.models.registry import create_model, fae_parts, model_kwargs
-from fae_pipe.training.accel import step_generator
 from fae_pipe.training.flops import count_flops
 from fae_pipe.training.logs import write_metrics
 from fae_pipe.transport import shift_factor, training_loss
@@ -56,19 +56,19 @@ class SitStep:
     def __init__(self, cfg, info, device):
         s = cfg.sit
         c, h, _ = info.shape
-        torch.manual_seed(s.seed)
+        torch.manual_seed(s.train.seed)
         kwargs = model_kwargs(s.model, in_channels=c, input_size=h, patch_size=s.patch_size,
                               num_classes=info.num_classes)
         self.model = create_model(s.model, **kwargs).to(device).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-        self.s, self.null, self.device = s, info.num_classes, device
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.train.lr, weight_decay=s.train.weight_decay)
+        self.s, self.t, self.null, self.device = s, s.train, info.num_classes, device
         self.shift = shift_factor(s.shift_mode, s.shift, latent_dim=c * h * h, base_dim=s.shift_base_dim)
 
     def loss(self, x, y, step: int):
-        gen = step_generator(self.s.seed, 0, step, self.device)
+        gen = seeded_generator(self.t.seed, 0, step, "", device=self.device)
         drop = torch.rand(y.shape[0], generator=gen, device=gen.device).to(y.device) < self.s.label_dropout
         y = torch.where(drop, torch.full_like(y, self.null), y)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.s.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.precision == "bf16"):
             return training_loss(self.model, x, y, generator=gen, time_dist=self.s.time_dist,
                                  time_mean=self.s.time_mean, time_std=self.s.time_std, shift=self.shift).loss
 
@@ -88,7 +88,7 @@ class OnlinePath:
         self.index = read_index(cfg.paths.index)
         names = data.loader.group.attrs.get("views") or list(cfg.data.views)
         self.view_names = [names[i] for i in range(data.info.views)]
-        e = cfg.encoder
+        e = cfg.image_encoder
         self.encoder = build_encoder(e.name, e.weights, e.input_size, device=device, precision=e.precision)
         self.fae = create_model(fae_parts(cfg.fae.model)["encoder"]).to(device).eval().requires_grad_(False)
         c = data.info.shape[0]
@@ -133,7 +133,7 @@ def run(cfg, synthetic: int | None = None) -> dict:
         raise UserError(f"--synthetic {synthetic} is invalid: expected a number of samples >= 1")
     index = read_index(cfg.paths.index)
     n = min(synthetic, len(index.labels))
-    grid = cfg.encoder.input_size // PATCH
+    grid = cfg.image_encoder.input_size // PATCH
     channels = model_kwargs(fae_parts(cfg.fae.model)["encoder"])["latent_channels"]
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         path = write_random_latent_store(Path(tmp) / "latents.zarr", (n, len(cfg.data.views), channels, grid, grid),
@@ -144,16 +144,16 @@ def run(cfg, synthetic: int | None = None) -> dict:
 
 def _run(cfg, latents) -> dict:
     s, device = cfg.sit, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = LatentBatches(latents, s.batch_size, s.seed)
-    loader, b = data.loader, s.batch_size
+    data = LatentBatches(latents, s.train.batch_size, s.train.seed)
+    loader, b = data.loader, s.train.batch_size
     online = OnlinePath(cfg, data, device)
     step_fn = SitStep(cfg, data.info, device)
     order, views = loader.epoch_order(0), loader.epoch_views(0)
     batches = data.from_step(0, device)
     nb = loader.steps_per_epoch
     print(f"bench train-step: batch {b}, {s.model} on {'x'.join(map(str, data.info.shape))} latents "
-          f"({'in RAM' if loader.in_ram else 'streaming'}); online: {cfg.encoder.name} @ {cfg.encoder.input_size}px "
-          f"({cfg.encoder.weights} weights, {cfg.encoder.precision}) + {cfg.fae.model}.encoder; device {device}",
+          f"({'in RAM' if loader.in_ram else 'streaming'}); online: {cfg.image_encoder.name} @ {cfg.image_encoder.input_size}px "
+          f"({cfg.image_encoder.weights} weights, {cfg.image_encoder.precision}) + {cfg.fae.model}.encoder; device {device}",
           flush=True)
 
     def cached(k):

@@ -27,7 +27,7 @@ from fae_pipe.fae.channel_stats import merge_moments
 from fae_pipe.fae.data import open_feature_store
 from fae_pipe.fae.encode_task import EncodeTask
 from fae_pipe.fae.export import FAE_FILE, load_fae_file, write_latent_stats
-from fae_pipe.training.checkpoint import file_fingerprint
+from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.training.logs import write_metrics
 
 COPIED_ATTRS = (schema.A_ENCODER, schema.A_IMAGE_SIZE, schema.A_CROP, schema.A_RESIZE, schema.A_NORMALIZATION,

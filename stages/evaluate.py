@@ -134,18 +134,18 @@ def run(cfg: Config) -> dict:
     from fae_pipe.encoders.dinov2 import build_encoder
 
     t0, ev, paths = time.perf_counter(), cfg.evaluate, cfg.paths
-    device = pick_device(cfg.encoder.device)
+    device = pick_device(cfg.image_encoder.device)
     images, _ = load_samples(Path(paths.samples) / SAMPLES_FILE)
     if len(images) < 2:
         raise UserError(f"{Path(paths.samples) / SAMPLES_FILE} holds {len(images)} image(s); evaluate needs >= 2 "
                         "(raise sample.num_samples)")
     group = open_feature_store(paths.features)
-    rec = check_encoder(cfg.encoder, dict(group.attrs), paths.features)
+    rec = check_encoder(cfg.image_encoder, dict(group.attrs), paths.features)
     size = int(group.attrs[schema.A_IMAGE_SIZE])
     if images.shape[1:3] != (size, size):
         raise UserError(f"samples are {images.shape[1]}x{images.shape[2]} but {paths.features} holds {size} px "
                         "crops: the pixel decoder must produce data.image_size images")
-    enc = build_encoder(cfg.encoder.name, cfg.encoder.weights, cfg.encoder.input_size, device, cfg.encoder.precision)
+    enc = build_encoder(cfg.image_encoder.name, cfg.image_encoder.weights, cfg.image_encoder.input_size, device, cfg.image_encoder.precision)
     if enc.weights_fingerprint != rec.get("weights_fingerprint"):
         raise UserError(f"encoder weights {enc.weights_fingerprint[:23]} differ from the "
                         f"{str(rec.get('weights_fingerprint'))[:23]} that made {paths.features}")
@@ -204,7 +204,7 @@ def _warnings(result: dict, meta: dict | None, fae_path: Path) -> list[str]:
     if result["encoder"]["random_weights"]:
         notes.append("encoder weights are RANDOM: FD-DINOv2, precision/recall and rFD are not DINOv2 numbers")
     if meta and fae_path.is_file():
-        from fae_pipe.training.checkpoint import file_fingerprint
+        from fae_pipe.artifacts import file_fingerprint
 
         if meta.get("fae_fingerprint") != file_fingerprint(fae_path):
             notes.append(f"the samples were decoded with another fae.pt than {fae_path} (used for reconstruction)")

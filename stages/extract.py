@@ -142,10 +142,10 @@ def store_attrs(cfg: Config, enc, index, n: int) -> dict:
 
     return {
         schema.A_ENCODER: {
-            "name": cfg.encoder.name, "weights": cfg.encoder.weights,
+            "name": cfg.image_encoder.name, "weights": cfg.image_encoder.weights,
             "weights_fingerprint": enc.weights_fingerprint, "random_weights": bool(enc.random_weights),
-            "input_size": cfg.encoder.input_size, "precision": cfg.encoder.precision,
-            "num_prefix_tokens": int(enc.num_prefix_tokens), "batch_size": cfg.encoder.batch_size,
+            "input_size": cfg.image_encoder.input_size, "precision": cfg.image_encoder.precision,
+            "num_prefix_tokens": int(enc.num_prefix_tokens), "batch_size": cfg.image_encoder.batch_size,
         },
         schema.A_IMAGE_SIZE: cfg.data.image_size, schema.A_CROP: schema.CROP_POLICY,
         schema.A_RESIZE: schema.RESIZE_POLICY,
@@ -177,11 +177,11 @@ def _extract_locked(cfg: Config, store_path: str, overwrite: bool, limit: int | 
 
     index = read_index(cfg.paths.index)
     n = len(index) if limit is None else min(limit, len(index))
-    spec = {"name": cfg.encoder.name, "weights": cfg.encoder.weights, "input_size": cfg.encoder.input_size,
-            "device": cfg.encoder.device, "precision": cfg.encoder.precision}
+    spec = {"name": cfg.image_encoder.name, "weights": cfg.image_encoder.weights, "input_size": cfg.image_encoder.input_size,
+            "device": cfg.image_encoder.device, "precision": cfg.image_encoder.precision}
     enc = build_encoder_from(spec)
     if enc.random_weights:
-        print(f"WARNING: encoder {cfg.encoder.name} has RANDOM weights (encoder.weights={cfg.encoder.weights!r}): "
+        print(f"WARNING: encoder {cfg.image_encoder.name} has RANDOM weights (image_encoder.weights={cfg.image_encoder.weights!r}): "
               "the features are meaningless except for tests and the offline demo", file=sys.stderr)
     shard_samples = cfg.extract.shard_samples
     chunk = schema.effective_chunk_samples(cfg.extract.chunk_samples, shard_samples)
@@ -194,7 +194,7 @@ def _extract_locked(cfg: Config, store_path: str, overwrite: bool, limit: int | 
                                            shard_samples, chunk, attrs)
 
     task = FeatureExtractTask(str(Path(cfg.paths.index).resolve()), spec, cfg.data.image_size, cfg.data.views,
-                              cfg.encoder.batch_size, cfg.data.decode_workers, cfg.data.on_error)
+                              cfg.image_encoder.batch_size, cfg.data.decode_workers, cfg.data.on_error)
     if not (cfg.extract.scheduler or cfg.extract.workers):
         task.adopt(enc)  # in-process: the coordinator's encoder is the worker's; dask workers build their own
     del enc

@@ -29,7 +29,7 @@ from fae_pipe.sampling.generator import ImageGenerator, default_paths
 from fae_pipe.sampling.grid import make_grid
 from fae_pipe.sampling.outputs import SAMPLES_FILE, gather_parts, save_samples, write_part
 from fae_pipe.sampling.plan import balanced_labels, process_batches, resolve_classes
-from fae_pipe.training.checkpoint import file_fingerprint
+from fae_pipe.artifacts import file_fingerprint
 
 MAX_GRID_ROWS = 64  # a 1000-class grid would be a 258k-pixel-tall PNG; the first 64 classes show enough
 META_FILE = "samples.json"

@@ -29,7 +29,7 @@ from fae_pipe.transport import shift_factor, training_loss
 def run(cfg, resume: str | None = None) -> dict:
     """Train (or resume) SiT as configured by ``cfg.sit`` / ``cfg.paths``; returns the summary metrics."""
     s, t = cfg.sit, cfg.sit.train
-    run = Trainer("train-sit", cfg, "sit", cfg.paths.sit_run, resume, log_fields=["loss", "grad_norm", "epoch"])
+    run = Trainer("train-sit", cfg, "sit", cfg.paths.sit_run, resume, log_fields=["loss", "grad_norm", "epoch", "samples_per_s"])
 
     # ---- data: normalised latents, this process's share --------------------------------------------------
     data = LatentBatches(cfg.paths.latents, run.micro_batch, t.seed, run.rank, run.world,

@@ -91,7 +91,7 @@ def test_a_code_edit_that_changes_no_weights_keeps_the_fae_and_everything_pinned
     root, _ = project
     fae = root / "runs/fae/fae.pt"
     before = fae.read_bytes()
-    with open(root / "pipeline/fae/loop.py", "a") as f:
+    with open(root / "pipeline/fae/losses.py", "a") as f:
         f.write("\n# an edit that changes no computation\n")
     ran = _ran(_run(["dvc", "repro"], root))
     # encode runs too (it imports pipeline/fae) but finds its store complete under the same
@@ -101,7 +101,7 @@ def test_a_code_edit_that_changes_no_weights_keeps_the_fae_and_everything_pinned
 
 
 def test_exp_run_with_an_fae_setting_rebuilds_the_latents_and_retrains_sit(project):
-    from fae_pipe.training.checkpoint import file_fingerprint
+    from fae_pipe.artifacts import file_fingerprint
 
     root, _ = project
     ran = _ran(_run(["dvc", "exp", "run", "-S", "fae.train.steps=10"], root))

@@ -27,7 +27,7 @@ from fae_pipe.fae.encode_task import EncodeTask
 from fae_pipe.fae.export import load_latent_stats
 from fae_pipe.fae.losses import token_cosine
 from fae_pipe.stages import encode, train_fae
-from fae_pipe.training.checkpoint import file_fingerprint
+from fae_pipe.artifacts import file_fingerprint
 
 
 # verify_store takes the index reader (cache must not import data); tests always pass the real one

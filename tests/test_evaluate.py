@@ -49,7 +49,7 @@ def test_end_to_end_writes_the_json_dvc_reads(tiny):
     assert out["density"] >= 0.0
     assert out["fid"] is None and out["fid_status"] == "unavailable: no evaluate.inception_weights"
     assert out["inception_score"] is None
-    assert out["encoder"] == {"name": "vit_small_patch14_dinov2", "weights": cfg.encoder.weights, "input_size": 112,
+    assert out["encoder"] == {"name": "vit_small_patch14_dinov2", "weights": cfg.image_encoder.weights, "input_size": 112,
                               "random_weights": False}
     assert out["warnings"] == []
     rec = out["reconstruction"]

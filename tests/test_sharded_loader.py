@@ -206,8 +206,8 @@ def test_bench_loader_runs_and_writes_its_metrics(store, tmp_path):
     from fae_pipe.stages import bench_loader
 
     path, _ = store
-    cfg = load_config(None, {"paths.latents": str(path), "paths.metrics": str(tmp_path), "sit.batch_size": 8,
-                               "sit.memory_budget_gb": 1.0})
+    cfg = load_config(None, {"paths.latents": str(path), "paths.metrics": str(tmp_path), "sit.train.batch_size": 8,
+                               "sit.train.memory_budget_gb": 1.0})
     summary = bench_loader.run(cfg, min_samples=200, repeats=1)
     rates = summary["samples_per_s"]
     assert set(rates) == {"numpy_in_ram", "numpy_memmap", "npy_per_sample", "loader_in_ram", "loader_streaming",

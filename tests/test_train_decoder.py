@@ -15,7 +15,7 @@ from fae_pipe.config import load_config
 from fae_pipe.data.index import read_index
 from fae_pipe.errors import UserError
 from fae_pipe.fae.data import feature_split, open_feature_store
-from fae_pipe.fae.loop import make_loader
+from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.fae.pixels import PixelBatches
 from fae_pipe.stages import train_decoder, train_fae
 
@@ -45,15 +45,12 @@ def stage1(data):
     return root, path
 
 
-class _Accel:
-    process_index, num_processes = 0, 1
-
-
 def test_pixel_targets_show_the_features_view(data):
     root, z = data
     group = open_feature_store(str(root / "features.zarr"))
     split = feature_split(group, str(root / "index.json"))
-    loader = make_loader(root / "features.zarr", [schema.FEATURES], 16, 3, _Accel(), split.train)
+    loader = ShardedLoader(root / "features.zarr", [schema.FEATURES], 16, 3, sample_mask=split.train,
+                           memory_budget_bytes=4 << 30, shuffle_buffer=8, random_view=True)
     stream = PixelBatches(loader, loader.batches_from(0), read_index(root / "index.json"), 64, ["orig", "flip"],
                           split.sample_ids, workers=2)
     feats = features_of(z)

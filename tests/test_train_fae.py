@@ -21,7 +21,7 @@ from fae_pipe.fae.losses import adaptive_weight, discriminator_loss, feature_los
 from fae_pipe.models.fae_encoder import DiagonalGaussian
 from fae_pipe.stages import train_fae
 from fae_pipe.training.checkpoint import load_checkpoint
-from fae_pipe.training.accel import step_generator
+from fae_pipe.artifacts import seeded_generator
 
 # Held-out cosine after 40 steps must exceed 0.6 AND the input-blind baseline (the mean
 # training token at each grid position, ~0.26 on this data) by 0.2. Measured: 0.88. An
@@ -164,13 +164,13 @@ def test_nan_in_the_data_stops_with_the_documented_message(data, tmp_path):
     assert expected in proc.stderr
     assert not (tmp_path / "run" / "fae.pt").exists()
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{last_good:09d}.pt")
-    assert ck["step"] == last_good and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert ck["step"] == last_good and all(torch.isfinite(v).all() for v in ck["models"]["model"].values())
     with pytest.raises(UserError, match="non-finite loss"):
         train_fae.run(cfg, resume="latest")
 
 
 def test_step_noise_does_not_depend_on_history():
-    a = torch.randn(3, generator=step_generator(0, 0, 7, torch.device("cpu"), "posterior"))
+    a = torch.randn(3, generator=seeded_generator(0, 0, 7, "posterior"))
     torch.randn(100)
-    b = torch.randn(3, generator=step_generator(0, 0, 7, torch.device("cpu"), "posterior"))
+    b = torch.randn(3, generator=seeded_generator(0, 0, 7, "posterior"))
     assert torch.equal(a, b)

@@ -23,7 +23,7 @@ from fae_pipe.training.sit_export import build_sit_from_export, load_sit_export
 from test_sharded_loader import make_latent_store
 
 STEPS = 6
-TRAIN = {"steps": STEPS, "batch_size": 8, "checkpoint_every": 2, "keep_last": 2,
+TRAIN = {"steps": STEPS, "batch_size": 8, "checkpoint_every": 2, "keep_last": 2, "log_every": 1,
        "precision": "no", "warmup": 2, "lr": 1e-3, "ema_decay": 0.9, "memory_budget_gb": 0.0, "shuffle_buffer": 1}
 FORBIDDEN = ("timm", "lpips", "fae_pipe.encoders", "fae_pipe.data.transforms", "fae_pipe.fae",
              "fae_pipe.models.fae_encoder", "fae_pipe.models.feature_decoder", "fae_pipe.models.pixel_decoder")
@@ -149,10 +149,12 @@ def test_sigkill_then_resume_is_exact(reference):
     assert_same_weights(tmp / "kill", ref)
 
 
-def test_non_finite_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("log_every, checkpoint_every", [(1, 1), (100, 2)])
+def test_non_finite_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp_path, log_every, checkpoint_every):
+    """With ``log_every > 1`` the NaN of step 3 is found at step 4's checkpoint, never written."""
     store = tmp_path / "latents.zarr"
     make_latent_store(store, n=48)
-    cfg = load_config(write_config(tmp_path, store, "nan", checkpoint_every=1))
+    cfg = load_config(write_config(tmp_path, store, "nan", checkpoint_every=checkpoint_every, log_every=log_every))
     poisoned = int(LatentBatches(store, 8, seed=0, memory_budget_bytes=0, shuffle_buffer=1).loader.epoch_order(0)[2 * 8])
     zarr.open_group(str(store), mode="r+")["latents"][poisoned] = np.nan
     from fae_pipe.stages import train_sit

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from fae_pipe.models.registry import create_model
-from fae_pipe.training.run_records import parameter_checksum
+from fae_pipe.training.logs import parameter_checksum
 from test_sharded_loader import make_latent_store
 
 REPO = Path(__file__).resolve().parents[1]

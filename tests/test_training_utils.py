@@ -1,4 +1,4 @@
-"""Checkpoints, logs, schedules, EMA and the NaN guard shared by every training loop."""
+"""Checkpoints, logs, schedules, EMA and the Trainer's non-finite guard shared by every training loop."""
 
 import csv
 import math
@@ -6,25 +6,28 @@ import math
 import pytest
 import torch
 
+from fae_pipe.artifacts import seeded_generator
+from fae_pipe.config import load_config
 from fae_pipe.errors import UserError
-from fae_pipe.training.accel import step_generator
 from fae_pipe.training.checkpoint import (capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint,
                                           resolve_resume, restore_rng, save_checkpoint)
 from fae_pipe.training.ema import EMA
-from fae_pipe.training.guard import check_finite
 from fae_pipe.training.logs import StepLog
 from fae_pipe.training.schedule import lr_factor
+from fae_pipe.training.trainer import Trainer
+
+EMPTY = {"models": {}, "optimizers": {}, "schedulers": {}, "rng": {}}
 
 
 def test_checkpoints_keep_newest_and_resolve_latest(tmp_path):
     for step in (10, 20, 30):
-        save_checkpoint(tmp_path, step, {"model": {"w": torch.tensor([float(step)])}}, keep_last=2)
+        save_checkpoint(tmp_path, step, {**EMPTY, "models": {"m": {"w": torch.tensor([float(step)])}}}, keep_last=2)
     names = [p.name for p in list_checkpoints(tmp_path)]
     assert names == ["step-000000020.pt", "step-000000030.pt"]
     assert latest_checkpoint(tmp_path).name == "step-000000030.pt"
     ck = load_checkpoint(resolve_resume(tmp_path, "latest"))
-    assert ck["step"] == 30 and ck["model"]["w"].item() == 30.0
-    assert not list((tmp_path / "checkpoints").glob("*.partial"))
+    assert ck["step"] == 30 and ck["models"]["m"]["w"].item() == 30.0
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp" in p.name]
 
 
 def test_resume_errors_are_one_line(tmp_path):
@@ -36,6 +39,9 @@ def test_resume_errors_are_one_line(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(UserError, match="cannot be read"):
         load_checkpoint(bad)
+    torch.save({"step": 1, "model": {}}, bad)  # an older layout
+    with pytest.raises(UserError, match="lacks models"):
+        load_checkpoint(bad)
 
 
 def test_rng_roundtrip():
@@ -45,11 +51,13 @@ def test_rng_roundtrip():
     assert torch.equal(a, torch.rand(3))
 
 
-def test_step_generator_depends_on_step_and_rank_only():
-    draw = lambda **k: torch.rand(4, generator=step_generator(device=torch.device("cpu"), **k))  # noqa: E731
-    assert torch.equal(draw(seed=0, rank=0, step=5), draw(seed=0, rank=0, step=5))
-    assert not torch.equal(draw(seed=0, rank=0, step=5), draw(seed=0, rank=1, step=5))
-    assert not torch.equal(draw(seed=0, rank=0, step=5), draw(seed=0, rank=0, step=6))
+def test_seeded_generator_depends_on_its_names_only():
+    draw = lambda *names: torch.rand(4, generator=seeded_generator(0, *names))  # noqa: E731
+    torch.rand(10)  # global RNG state plays no part
+    assert torch.equal(draw(0, 5, "noise"), draw(0, 5, "noise"))
+    assert not torch.equal(draw(0, 5, "noise"), draw(1, 5, "noise"))
+    assert not torch.equal(draw(0, 5, "noise"), draw(0, 6, "noise"))
+    assert not torch.equal(draw(0, 5, "noise"), draw(0, 5, "time"))
 
 
 def test_steplog_drops_rows_after_resume_step(tmp_path):
@@ -80,15 +88,48 @@ def test_ema_update_formula():
     assert torch.allclose(ema.model.weight, 0.9 * before + 0.1 * m.weight)
 
 
-def test_nan_guard_names_step_and_checkpoint(tmp_path):
-    check_finite(torch.tensor(1.0), 3, "train-x", tmp_path)
-    save_checkpoint(tmp_path, 2, {"model": {}}, keep_last=1)
-    with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 3.*step-000000002.pt"):
-        check_finite(torch.tensor(math.nan), 3, "train-x", tmp_path)
+def tiny_trainer(tmp_path, **train) -> tuple[Trainer, torch.nn.Module]:
+    sets = {"paths.sit_run": str(tmp_path / "run"), "paths.metrics": str(tmp_path / "m"), "sit.train.batch_size": 2,
+            "sit.train.precision": "fp32", "sit.train.log_with": "none", "sit.train.ema_decay": 0.0,
+            **{f"sit.train.{k}": v for k, v in train.items()}}
+    run = Trainer("train-x", load_config(None, sets), "sit", tmp_path / "run", None, log_fields=["loss"])
+    torch.manual_seed(0)
+    model, _ = run.prepare({"model": torch.nn.Linear(3, 1)})
+    return run, model
+
+
+def test_a_non_finite_loss_is_never_applied_and_stops_the_run_at_the_next_log_row(tmp_path):
+    """log_every = 5: the NaN of step 2 is skipped on the device; the run stops at the step-5 row."""
+    run, model = tiny_trainer(tmp_path, steps=20, log_every=5, checkpoint_every=100)
+    x = torch.ones(2, 3)
+    weights = []
+    with pytest.raises(UserError, match=r"train-x: non-finite loss \(nan\) at step 2; training stopped, "
+                                        r"no checkpoint was written yet"):
+        for step in run.steps():
+            loss = model(x).pow(2).mean() * (math.nan if step == 1 else 1.0)
+            run.backward(loss)
+            run.update("model", loss)
+            run.log(loss=loss)
+            weights.append(model.weight.detach().clone())
+    assert len(weights) == 5 and torch.isfinite(weights[-1]).all()
+    assert torch.equal(weights[1], weights[0])  # the NaN step changed nothing
+    assert not torch.equal(weights[2], weights[1])  # the next finite step trains again
+    assert run.optimizers["model"].state[model.weight]["step"].item() == 4  # four applied updates
+
+
+def test_the_checkpoint_after_a_non_finite_step_is_never_written(tmp_path):
+    run, model = tiny_trainer(tmp_path, steps=20, log_every=100, checkpoint_every=2)
+    with pytest.raises(UserError, match=r"at step 3; training stopped, last good checkpoint: .*step-000000002\.pt$"):
+        for step in run.steps():
+            loss = model(torch.ones(2, 3)).pow(2).mean() * (math.inf if step == 2 else 1.0)
+            run.backward(loss)
+            run.update("model", loss)
+            run.log(loss=loss)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-000000002.pt"]
 
 
 def test_resume_auto_only_with_matching_settings(tmp_path):
     assert resolve_resume(tmp_path, "auto", "sit", {"lr": 1.0}) is None
-    save_checkpoint(tmp_path, 5, {"model": {}, "config": {"sit": {"lr": 1.0, "steps": 10}}}, keep_last=1)
+    save_checkpoint(tmp_path, 5, {**EMPTY, "config": {"sit": {"lr": 1.0, "steps": 10}}}, keep_last=1)
     assert resolve_resume(tmp_path, "auto", "sit", {"lr": 1.0, "steps": 20}).name == "step-000000005.pt"
     assert resolve_resume(tmp_path, "auto", "sit", {"lr": 2.0, "steps": 10}) is None

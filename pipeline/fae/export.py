@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fae_pipe.errors import UserError
-from fae_pipe.training.checkpoint import file_fingerprint
+from fae_pipe.artifacts import file_fingerprint
 
 FAE_FORMAT = "fae-pipe/fae-v1"
 DECODER_FORMAT = "fae-pipe/pixel-decoder-v1"

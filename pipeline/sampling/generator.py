@@ -26,7 +26,7 @@ from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import FeatureAutoencoder
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.sampling.plan import batch_generator, sample_noise
-from fae_pipe.training.checkpoint import file_fingerprint
+from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.training.sit_export import build_sit_from_export, load_sit_export
 from fae_pipe.transport import as_schedule, sample
 

@@ -123,8 +123,7 @@ def resolve_resume(run_dir: str | Path, resume: str | None, section: str | None 
         sidecar = found.with_suffix(".json")
         saved = (json.loads(sidecar.read_text()).get("config") or {}).get(section) if sidecar.is_file() else None
         if section is not None and _identity(saved) != _identity(current):
-            print(f"resume auto: {found} was made with other '{section}' settings; starting a fresh run",
-                  file=sys.stderr)
+            print(f"resume auto: {found} was made with other '{section}' settings; starting a fresh run")
             return None
         return found
     if resume == "latest":

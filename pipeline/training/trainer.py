@@ -76,7 +76,8 @@ class Trainer:
         section: the config section holding the ``train`` group (``sit``).
         run_dir: checkpoints, ``loss.csv``, ``eval.csv``, trackers and rank records go here.
         resume: None (fresh), "latest", "auto" or a checkpoint path (``--resume``).
-        log_fields / eval_fields: the columns of ``loss.csv`` / ``eval.csv``.
+        log_fields / eval_fields: the columns of ``loss.csv`` (``lr`` is added; ``samples_per_s``,
+            the window's throughput, is filled in when listed) / ``eval.csv``.
         metrics_name: the DVC metrics file ``<paths.metrics>/<metrics_name>.json``.
     """
 
@@ -189,8 +190,7 @@ class Trainer:
 
     def _open_logs(self, resumed: bool) -> None:
         start = self.start if resumed else None
-        self.log_csv = StepLog(self.run_dir / "loss.csv", [*self.log_fields, "lr", "samples_per_s"],
-                               start) if self.main else None
+        self.log_csv = StepLog(self.run_dir / "loss.csv", [*self.log_fields, "lr"], start) if self.main else None
         self.eval_csv = (StepLog(self.run_dir / "eval.csv", self.eval_fields, start)
                          if self.main and self.eval_fields else None)
         if self.main:
@@ -299,7 +299,7 @@ class Trainer:
         steps = done - self._window[0]
         now = time.perf_counter()
         rate = self.t.batch_size * steps / max(now - self._window[1], 1e-9) if steps else None
-        row.update(lr=float(self.scheduler.get_last_lr()[0]), samples_per_s=rate)
+        row.update(lr=float(self.scheduler.get_last_lr()[0]), samples_per_s=rate)  # CSV: if a log field
         if self.main:
             self.log_csv.log(done, **row)
         if self.tracking:
