@@ -11,6 +11,12 @@ closure must be covered by a dep (the file or an ancestor directory). Every
 ``${paths.key}/NAME`` when NAME is a string literal or a module constant. A key the
 stage itself writes under is its output namespace, not an input. Deps are compared
 as raw template strings; module files come from setup.cfg's ``package_dir``.
+
+Params: every ``params:`` entry is a dotted path into params.yaml (a key, a section or a
+nested group such as ``fae.train``), and every config section the command reads
+(``fae_pipe.cli.COMMANDS[cmd][1]``) is listed whole or by at least one of its keys. A
+partial list is meant for sections that mostly hold other stages' settings (``data.*``,
+``paths.*``, ``fae.model``); which keys of a section matter is not checked statically.
 """
 
 import ast
@@ -134,10 +140,14 @@ def entries(stage: dict, *sections: str) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for s in sections for e in stage.get(s) or []]
 
 
-def stage_module(stage: dict) -> str:
+def command(stage: dict) -> str:
     argv = shlex.split(stage["cmd"])
     assert argv[0] == "fae-pipe" and argv[1] in COMMANDS, f"not a fae-pipe stage command: {stage['cmd']}"
-    return f"fae_pipe.stages.{COMMANDS[argv[1]][0]}"
+    return argv[1]
+
+
+def stage_module(stage: dict) -> str:
+    return f"fae_pipe.stages.{COMMANDS[command(stage)][0]}"
 
 
 def missing_deps(dvc: dict) -> list[str]:
@@ -164,6 +174,44 @@ def missing_deps(dvc: dict) -> list[str]:
 
 def load_dvc() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def load_yaml(name: str) -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+# `runtime` need not be a param: runtime.attention picks the attention kernel (SDPA or xformers,
+# numerically equal to ~1e-6), which changes how fast a stage runs, not what it writes.
+UNTRACKED_SECTIONS = {"runtime"}
+
+
+def has_key(tree, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def param_problems(dvc: dict) -> list[str]:
+    """One line per params entry params.yaml lacks, or config section a stage reads but does not list."""
+    problems = []
+    for name, stage in dvc["stages"].items():
+        declared = []  # existing keys of params.yaml, the file `fae-pipe <cmd>` reads
+        for e in stage.get("params") or []:
+            files = e if isinstance(e, dict) else {"params.yaml": [e]}  # `- other.yaml: [keys]` names another file
+            for file, keys in files.items():
+                for k in keys or []:
+                    if not has_key(load_yaml(file), k):
+                        problems.append(f"dvc.yaml stage '{name}' lists param '{k}', which {file} does not have")
+                    elif file == "params.yaml":
+                        declared.append(k)
+        for section in COMMANDS[command(stage)][1]:
+            if section not in UNTRACKED_SECTIONS and not any(p == section or p.startswith(section + ".")
+                                                             for p in declared):
+                problems.append(f"dvc.yaml stage '{name}' reads config section '{section}' but lists neither it "
+                                f"nor a key of it under params")
+    return problems
 
 
 def test_dvc_yaml_lists_every_code_and_data_dep():
@@ -201,3 +249,36 @@ def test_checker_reports_a_removed_dep(stage, removed, expected):
     problems = [p for p in missing_deps(broken) if p not in missing_deps(dvc)]
     assert any(p.startswith(expected) for p in problems), problems
     assert all(p.startswith(f"dvc.yaml stage '{stage}' ") for p in problems), problems
+
+
+def test_dvc_yaml_params_name_params_yaml_keys_and_cover_read_sections():
+    problems = param_problems(load_dvc())
+    assert not problems, "dvc.yaml params out of step with params.yaml / fae_pipe.cli.COMMANDS:\n" + "\n".join(problems)
+
+
+def test_has_key_walks_sections_and_nested_groups():
+    params = load_yaml("params.yaml")
+    assert all(has_key(params, k) for k in ("sit", "fae.train", "fae.train.steps", "decoder.phase", "image_encoder"))
+    assert not any(has_key(params, k) for k in ("encoder", "fae.steps", "decoder.stage", "sit.train.lr.x"))
+
+
+@pytest.mark.parametrize("stage, old, new, expected", [
+    ("evaluate", "image_encoder", None,
+     ["dvc.yaml stage 'evaluate' reads config section 'image_encoder' but lists neither it nor a key of it"]),
+    ("train-sit", "sit", "sit.train.lr", []),  # one key of the section is enough
+    ("train-sit", "sit", None, ["dvc.yaml stage 'train-sit' reads config section 'sit' but"]),
+    ("extract", "image_encoder", "encoder",
+     ["dvc.yaml stage 'extract' lists param 'encoder', which params.yaml does not have",
+      "dvc.yaml stage 'extract' reads config section 'image_encoder' but"]),
+    ("train-fae", "fae", "fae.steps",  # the pre-restructure flat key
+     ["dvc.yaml stage 'train-fae' lists param 'fae.steps', which params.yaml does not have",
+      "dvc.yaml stage 'train-fae' reads config section 'fae' but"]),
+], ids=["missing-section", "one-key-enough", "missing-own-section", "renamed-section", "moved-key"])
+def test_param_checker_reports_a_bad_or_missing_param(stage, old, new, expected):
+    dvc = load_dvc()
+    broken = copy.deepcopy(dvc)  # an in-memory copy; dvc.yaml itself is not touched
+    params = broken["stages"][stage]["params"]
+    assert old in params
+    params[params.index(old):params.index(old) + 1] = [new] if new else []
+    problems = [p for p in param_problems(broken) if p not in param_problems(dvc)]
+    assert len(problems) == len(expected) and all(p.startswith(e) for p, e in zip(problems, expected)), problems
