@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fae_pipe.artifacts import seeded_generator
 from fae_pipe.cache import schema
 from fae_pipe.cache.synthetic import write_random_latent_store
 from fae_pipe.data.index import read_index
 from fae_pipe.data.latents import LatentBatches
 from fae_pipe.data.transforms import encoder_input, load_pixels
 from fae_pipe.encoders.dinov2 import PATCH, build_encoder
-from fae_pipe.artifacts import seeded_generator
 from fae_pipe.errors import UserError
 from fae_pipe.models.registry import create_model, fae_parts, model_kwargs
 from fae_pipe.training.flops import count_flops
@@ -86,14 +86,12 @@ class OnlinePath:
     def __init__(self, cfg, data: LatentBatches, device):
         self.cfg, self.loader, self.device = cfg, data.loader, device
         self.index = read_index(cfg.paths.index)
-        names = data.loader.group.attrs.get("views") or list(cfg.data.views)
+        names = data.loader.group.attrs.get(schema.A_VIEWS) or list(cfg.data.views)
         self.view_names = [names[i] for i in range(data.info.views)]
         e = cfg.image_encoder
         self.encoder = build_encoder(e.name, e.weights, e.input_size, device=device, precision=e.precision)
         self.fae = create_model(fae_parts(cfg.fae.model)["encoder"]).to(device).eval().requires_grad_(False)
-        c = data.info.shape[0]
-        self.mean = torch.tensor(data.info.channel_mean, device=device).view(1, c, 1, 1)
-        self.std = torch.tensor(data.info.channel_std, device=device).view(1, c, 1, 1)
+        self.stats = data.info.stats
         self.pool = ThreadPoolExecutor(max(1, cfg.data.decode_workers))
         self.seconds = {"decode": 0.0, "encoder": 0.0, "fae": 0.0, "sit_step": 0.0}
 
@@ -110,7 +108,7 @@ class OnlinePath:
         mean, _ = self.fae(tokens, self.encoder.grid)
         h, w = self.encoder.grid
         z = mean.transpose(1, 2).reshape(mean.shape[0], mean.shape[2], h, w)
-        return ((z.float() - self.mean) / self.std).contiguous()  # the layout cached latents have
+        return self.stats.normalize(z.float()).contiguous()  # the layout cached latents have
 
     def __call__(self, rows, views):
         t0 = time.perf_counter()

@@ -2,11 +2,11 @@
 
 Reuses the one sharded-writing machinery of ``extract`` (lock, per-shard
 completion records, resume, ``--shards``/``--workers``/``--scheduler``): only the
-shard task differs (``fae_pipe.fae.encode_task``). The store's ``config_hash``
+shard task differs (``fae_pipe.tasks.latents.EncodeTask``). The store's ``config_hash``
 covers the FAE file's sha256, the source store's hash and the layout, so a new
 FAE never silently mixes with latents of the old one. The exact channel
-statistics are merged from the shard records at the end and written both into
-the store's attrs and beside ``fae.pt`` (``latent_stats.json``).
+statistics are merged from the shard records at the end and written into the
+store's attrs, their one source (``fae_pipe.cache.latent_stats``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ import sys
 import time
 from pathlib import Path
 
+from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import StoreLock
+from fae_pipe.cache.latent_stats import merge_moments
 from fae_pipe.cache.shards import ShardPlan, run_shards
 from fae_pipe.cache.store_writer import finalize, mark_incomplete, open_or_create
 from fae_pipe.config import Config
 from fae_pipe.errors import UserError
-from fae_pipe.fae.channel_stats import merge_moments
+from fae_pipe.fae.autoencoder import FAE_FILE, load_fae_file
 from fae_pipe.fae.data import open_feature_store
-from fae_pipe.fae.encode_task import EncodeTask
-from fae_pipe.fae.export import FAE_FILE, load_fae_file, write_latent_stats
-from fae_pipe.artifacts import file_fingerprint
+from fae_pipe.tasks.latents import EncodeTask
 from fae_pipe.training.logs import write_metrics
 
 COPIED_ATTRS = (schema.A_ENCODER, schema.A_IMAGE_SIZE, schema.A_CROP, schema.A_RESIZE, schema.A_NORMALIZATION,
@@ -79,7 +79,7 @@ def run(cfg: Config, overwrite: bool = False) -> None:
                                           attrs, store_std=cfg.encode.store_std)
 
     task = EncodeTask(str(fae_path.resolve()), fae_fp, src["path"], cfg.encode.batch_size, cfg.encode.device,
-                      cfg.encode.store_std)
+                      cfg.encode.store_std, attention=cfg.runtime.attention)
     with StoreLock(out):
         group, resumed = open_or_create(out, config_hash, create, overwrite)
         mark_incomplete(group)
@@ -89,11 +89,8 @@ def run(cfg: Config, overwrite: bool = False) -> None:
         if not result.complete:
             missing = sorted(set(range(result.shards_total)) - set(result.records))
             raise UserError(f"encode: shards {missing} of {out} have no completion record; re-run `fae-pipe encode`")
-        count, mean, std = merge_moments([result.records[i]["extras"]["moments"] for i in sorted(result.records)])
-        finalize(group, list(source.attrs.get(schema.A_FAILURES, [])), {
-            schema.A_CHANNEL_MEAN: mean.tolist(), schema.A_CHANNEL_STD: std.tolist(),
-            schema.A_CHANNEL_STATS_COUNT: count})
-    write_latent_stats(fae_path, mean, std, count, dict(src, latents=str(Path(out).resolve())))
+        stats = merge_moments([result.records[i]["extras"]["moments"] for i in sorted(result.records)], fae_fp)
+        finalize(group, list(source.attrs.get(schema.A_FAILURES, [])), stats.to_attrs())
     lat_b, feat_b = store_bytes(out) / n, store_bytes(cfg.paths.features) / n
     wall = time.perf_counter() - t0
     write_metrics(Path(cfg.paths.metrics) / "encode.json", {
@@ -103,4 +100,4 @@ def run(cfg: Config, overwrite: bool = False) -> None:
     print(f"encode: {n} samples x {views} views -> {out} ({channels} ch, {'resumed, ' if resumed else ''}"
           f"{result.shards_written} shards written, {result.shards_skipped} skipped), "
           f"{lat_b / 1024:.1f} KiB/sample vs {feat_b / 1024:.1f} KiB features ({feat_b / lat_b:.0f}x), "
-          f"{wall:.1f} s; stats -> {fae_path.with_name('latent_stats.json')}", file=sys.stderr)
+          f"{wall:.1f} s; channel statistics in its attrs", file=sys.stderr)

@@ -53,7 +53,7 @@ def check_encoder(cfg_enc, attrs: dict, store: str) -> dict:
         raise UserError(f"{store} records no encoder settings (attrs 'encoder'); re-create it with `fae-pipe extract`")
     for key in ("name", "input_size", "precision", "weights"):
         if rec.get(key) != getattr(cfg_enc, key):
-            raise UserError(f"encoder.{key} = {getattr(cfg_enc, key)!r} differs from the {rec.get(key)!r} that made "
+            raise UserError(f"image_encoder.{key} = {getattr(cfg_enc, key)!r} differs from the {rec.get(key)!r} that made "
                             f"{store}: evaluate with the store's encoder settings")
     return rec
 
@@ -101,13 +101,13 @@ def reconstruction(cfg: Config, group, encoder, view: tuple[int, str], inception
         return {"status": f"unavailable: {len(rows)} held-out image(s) in {paths.features}; need 2 "
                           "(raise data.holdout_fraction and re-run prepare + extract)"}
     fae = FeatureAutoencoder.load(Path(paths.fae_run) / "fae.pt", Path(paths.decoder_run) / "decoder.pt",
-                                  stats=False, device=device)
+                                  device=device, attention=cfg.runtime.attention)
     index = read_index(paths.index)
     ids = np.asarray(group[schema.SAMPLE_IDS].oindex[rows])
     recon = []
     for lo in range(0, len(rows), ev.batch_size):
         feats = torch.from_numpy(read_view(group, schema.FEATURES, rows[lo:lo + ev.batch_size], view[0]))
-        recon.append(to_uint8(fae.decode(fae.encode(feats, normalized=False), "pixels", normalized=False)))
+        recon.append(to_uint8(fae.reconstruct(feats, "pixels")))
     recon = np.concatenate(recon)
     size = int(group.attrs[schema.A_IMAGE_SIZE])
     target = load_reference_pixels(index, ids, size, view[1], cfg.data.decode_workers)

@@ -1,12 +1,9 @@
 """``fae-pipe extract``: frozen DINOv2 patch (+cls) tokens of every index sample into features.zarr.
 
 The store layout is ``fae_pipe.cache.schema``; lock, resume, work units and dask come
-from ``fae_pipe.cache.shards``. This module only supplies the shard task: decode and
-preprocess images in background threads (so decoding overlaps the encoder forward),
-batch ``encoder.batch_size`` images (all their views in one forward), cast to float16.
-Batches are cut from the storage shard's own start, so the bits written never depend
-on ``--shards`` or ``--workers``. Unreadable images become zero rows with
-``valid = False`` and a recorded (file, reason), or a UserError with ``on_error=fail``.
+from ``fae_pipe.cache.shards``; the shard task (decode, encoder, float16 tokens) is
+``fae_pipe.tasks.features.FeatureExtractTask``. This module says what the store records
+(attrs, content hash) and runs it.
 """
 
 from __future__ import annotations
@@ -14,10 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from fae_pipe import __version__
 from fae_pipe.cache import schema
@@ -26,115 +20,7 @@ from fae_pipe.cache.shards import ShardPlan, run_shards
 from fae_pipe.cache.store_writer import finalize, mark_incomplete, open_or_create
 from fae_pipe.config import Config
 from fae_pipe.errors import UserError
-
-def build_encoder_from(spec: dict):
-    """Build the frozen encoder of ``spec`` (random weights are seeded by the encoder module)."""
-    from fae_pipe.encoders.dinov2 import build_encoder
-
-    return build_encoder(spec["name"], spec["weights"], spec["input_size"], spec["device"], spec["precision"])
-
-
-class FeatureExtractTask:
-    """Shard task for ``run_shards``: image decode -> encoder -> float16 tokens, per storage shard."""
-
-    def __init__(self, index_path: str, encoder_spec: dict, image_size: int, views: list[str],
-                 batch_size: int, decode_workers: int, on_error: str):
-        self.index_path = index_path
-        self.spec = dict(encoder_spec)
-        self.image_size = image_size
-        self.views = list(views)
-        self.batch_size = batch_size
-        self.decode_workers = decode_workers
-        self.on_error = on_error
-        self.cache_key = "extract:" + json.dumps([index_path, self.spec], sort_keys=True)
-        self.encoder = None
-        self.index = None
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["encoder"] = state["index"] = None  # workers build their own
-        return state
-
-    def adopt(self, encoder) -> None:
-        """Reuse an encoder the coordinator already built (in-process runs build it once)."""
-        self.encoder = encoder
-
-    def setup(self) -> None:
-        from fae_pipe.data.index import read_index
-
-        self.index = read_index(self.index_path)
-        if self.encoder is None:
-            self.encoder = build_encoder_from(self.spec)
-
-    def _load(self, i: int):
-        """Decode + crop + views + encoder preprocessing of sample ``i`` (runs in a thread)."""
-        from fae_pipe.data.transforms import ImageDecodeError, encoder_input, load_pixels
-
-        try:
-            pixels = load_pixels(self.index.abspath(i), self.image_size, self.views)
-        except ImageDecodeError as e:
-            return e
-        return encoder_input(pixels, self.spec["input_size"])
-
-    def _prefetched(self, indices: range):
-        """Yield ``(i, tensor or ImageDecodeError)`` in order, decoding up to two batches ahead."""
-        if self.decode_workers == 0:
-            for i in indices:
-                yield i, self._load(i)
-            return
-        window = 2 * self.batch_size
-        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
-            pending = {}
-            upcoming = iter(indices)
-            for i in upcoming:
-                pending[i] = pool.submit(self._load, i)
-                if len(pending) >= window:
-                    break
-            for i in indices:
-                result = pending.pop(i).result()
-                nxt = next(upcoming, None)
-                if nxt is not None:
-                    pending[nxt] = pool.submit(self._load, nxt)
-                yield i, result
-
-    def compute(self, shard_index, start, stop, progress=None):
-        import torch
-
-        from fae_pipe.data.transforms import ImageDecodeError
-
-        enc, n, v = self.encoder, stop - start, len(self.views)
-        tokens = int(enc.grid[0]) * int(enc.grid[1])
-        feats = np.zeros((n, v, tokens, enc.dim), np.float16)
-        cls = np.zeros((n, v, enc.dim), np.float16)
-        valid = np.ones(n, bool)
-        failures = []
-        stream = self._prefetched(range(start, stop))
-        for b0 in range(start, stop, self.batch_size):
-            rows, inputs = [], []
-            for i, item in (next(stream) for _ in range(b0, min(stop, b0 + self.batch_size))):
-                if isinstance(item, ImageDecodeError):
-                    rel = self.index.paths[i]
-                    if self.on_error == "fail":
-                        raise UserError(f"cannot decode image {self.index.abspath(i)}: {item.reason} "
-                                        "(set data.on_error=skip to record it and continue)")
-                    valid[i - start] = False
-                    failures.append({"sample": i, "sample_id": int(self.index.ids[i]), "file": rel,
-                                     "reason": item.reason})
-                else:
-                    rows.append(i - start)
-                    inputs.append(item)
-            if inputs:
-                with torch.inference_mode():
-                    patch, cls_tok = enc.encode(torch.cat(inputs))
-                feats[rows] = patch.float().cpu().numpy().reshape(len(rows), v, tokens, enc.dim).astype(np.float16)
-                cls[rows] = cls_tok.float().cpu().numpy().reshape(len(rows), v, enc.dim).astype(np.float16)
-            if progress is not None:
-                progress(min(stop, b0 + self.batch_size) - b0)
-        arrays = {schema.FEATURES: feats, schema.CLS: cls, schema.VALID: valid,
-                  schema.LABELS: self.index.labels[start:stop].copy(),
-                  schema.SAMPLE_IDS: self.index.ids[start:stop].copy()}
-        return arrays, {"failures": failures}
-
+from fae_pipe.tasks.features import FeatureExtractTask, build_encoder_from
 
 def store_attrs(cfg: Config, enc, index, n: int) -> dict:
     """Group attrs saying how the features were made (see docs/cache.md)."""

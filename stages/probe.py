@@ -43,8 +43,8 @@ def pooled_features(group, fae: FeatureAutoencoder, rows: np.ndarray, view: int)
     out = {k: [] for k in KINDS}
     for lo in tqdm(range(0, len(rows), BLOCK), desc="probe features", unit="block", dynamic_ncols=True):
         x = torch.from_numpy(read_view(group, schema.FEATURES, rows[lo:lo + BLOCK], view))
-        z = fae.encode(x, normalized=False)
-        x_hat = fae.decode(z, "features", normalized=False)
+        z = fae.encode_raw(x)
+        x_hat = fae.decode_raw(z, "features")
         out["encoder"].append(x.mean(dim=1).numpy())
         out["latent"].append(z.mean(dim=(2, 3)).float().cpu().numpy())
         out["reconstructed"].append(x_hat.mean(dim=1).float().cpu().numpy())
@@ -61,7 +61,7 @@ def run(cfg: Config) -> dict:
     if len(np.unique(labels)) < 2:
         raise UserError(f"{paths.features}: the probe needs samples of at least 2 classes; found "
                         f"{len(np.unique(labels))} among {len(rows)} valid samples")
-    fae = FeatureAutoencoder.load(Path(paths.fae_run) / "fae.pt", stats=False, device=device)
+    fae = FeatureAutoencoder.load(Path(paths.fae_run) / "fae.pt", device=device, attention=cfg.runtime.attention)
     view, view_name = reference_view(group)
     feats = pooled_features(group, fae, rows, view)
     train, test = fixed_split(len(rows), p.holdout_fraction, p.seed)

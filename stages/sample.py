@@ -61,7 +61,8 @@ def run(cfg: Config) -> dict:
     rank, world, launch_device, barrier = _distributed_state()
     device = launch_device if (s.device == "auto" and world > 1) else pick_device(s.device)
     sit_path, fae_path, decoder_path = default_paths(paths)
-    gen = ImageGenerator.load(sit_path, fae_path, decoder_path, use_ema=s.use_ema, device=device)
+    gen = ImageGenerator.load(sit_path, fae_path, decoder_path, use_ema=s.use_ema, device=device,
+                              attention=cfg.runtime.attention)
     names = class_names(paths.latents, gen.num_classes)
     classes = resolve_classes(list(s.classes), gen.num_classes, names)
     labels = balanced_labels(classes, s.num_samples)

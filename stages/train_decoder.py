@@ -4,7 +4,7 @@ Phase 1 (``decoder.phase: 1``) trains on noisy real features
 ``x + sigma * rms(token) * eps``; phase 2 fine-tunes the phase-1 decoder
 (``decoder_stage1.pt``, named as in earlier releases) on the frozen FAE's
 reconstruction ``x_hat`` of the same features. Targets are the source images of the same sample ids, same crop and
-view (``fae_pipe.fae.pixels``). Loss and GAN schedule: ``fae_pipe.fae.decoder_objective``.
+view (``fae_pipe.fae.data``). Loss and GAN schedule: ``fae_pipe.fae.objectives``.
 Resume, EMA, logs, checkpoints and the non-finite guard are the shared
 ``fae_pipe.training.Trainer``. Artefacts in
 ``paths.decoder_run``: ``loss.csv``, ``eval.csv``, ``checkpoints/``, ``decoder.pt``
@@ -19,19 +19,23 @@ from pathlib import Path
 
 import torch
 
+from fae_pipe.artifacts import atomic_torch_save, file_fingerprint
 from fae_pipe.cache import schema
 from fae_pipe.config import Config
-from fae_pipe.artifacts import atomic_torch_save, file_fingerprint
 from fae_pipe.data.index import read_index
 from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
-from fae_pipe.fae.autoencoder import FeatureAutoencoder
-from fae_pipe.fae.data import feature_split, open_feature_store
-from fae_pipe.fae.decoder_eval import evaluate_decoder, load_eval_set
-from fae_pipe.fae.decoder_objective import DecoderObjective
-from fae_pipe.fae.export import DECODER_FILE, DECODER_FORMAT, FAE_FILE, load_decoder_file, load_fae_file
-from fae_pipe.fae.losses import noise_features
-from fae_pipe.fae.pixels import PixelBatches, to_signed
+from fae_pipe.fae.autoencoder import (
+    DECODER_FILE,
+    DECODER_FORMAT,
+    FAE_FILE,
+    FeatureAutoencoder,
+    load_decoder_file,
+    load_fae_file,
+)
+from fae_pipe.fae.data import PixelBatches, feature_split, open_feature_store, to_signed
+from fae_pipe.fae.evaluation import evaluate_decoder, load_eval_set
+from fae_pipe.fae.objectives import DecoderObjective, noise_features
 from fae_pipe.metrics.image import build_lpips
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.models.registry import create_model, fae_parts
@@ -64,7 +68,7 @@ def load_stage2_inputs(cfg: Config, run_dir: Path, source: dict, device):
     if trained_on != source["config_hash"]:
         raise UserError(f"{fae_path} was trained on another feature store (config_hash {str(trained_on)[:12]}) than "
                         f"paths.features (config_hash {str(source['config_hash'])[:12]}): retrain the FAE on it")
-    fae = FeatureAutoencoder.load(fae_path, stats=False, device=device)
+    fae = FeatureAutoencoder.load(fae_path, device=device, attention=cfg.runtime.attention)
     stage1 = run_dir / "decoder_stage1.pt"
     if not stage1.is_file():
         raise UserError(f"decoder.phase = 2 fine-tunes the stage-1 decoder: {stage1} not found; "
@@ -82,7 +86,7 @@ def through_fae(cfg: Config, source: dict, pdec, eval_set, lpips_model, device) 
         print(f"{STAGE}: note: {fae_path} was trained on another feature store; no round-trip metrics",
               file=sys.stderr)
         return {}
-    fae = FeatureAutoencoder.load(fae_path, stats=False, device=device)
+    fae = FeatureAutoencoder.load(fae_path, device=device, attention=cfg.runtime.attention)
     scores = evaluate_decoder(pdec, eval_set, lpips_model, device, fae)
     return {"psnr_through_fae": scores["psnr"], "lpips_through_fae": scores["lpips"]}
 
@@ -149,7 +153,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
             if dc.phase == 1:
                 x_in = noise_features(x, dc.noise_sigma, run.generator(step, "noise"))
             else:
-                x_in = fae.decode(fae.encode(x, normalized=False), normalized=False)
+                x_in = fae.reconstruct(x)
         gan = objective.gan_active(step)
         with run.accelerator.autocast():
             pred = model(x_in)

@@ -2,7 +2,7 @@
 
 Never opens an image and never builds DINOv2: batches of cached patch tokens
 (one random view per sample) come from the whole-shard loader, the loss is
-``L2(x_hat, x) + beta * KL`` (``fae_pipe.fae.losses``). Resume, EMA, logs,
+``L2(x_hat, x) + beta * KL`` (``fae_pipe.fae.objectives``). Resume, EMA, logs,
 checkpoints and the non-finite guard are the shared ``fae_pipe.training.Trainer``.
 Artefacts in ``paths.fae_run``: ``loss.csv``, ``eval.csv``, ``checkpoints/``, the export
 ``fae.pt``; held-out numbers in ``<paths.metrics>/fae.json``.
@@ -19,11 +19,10 @@ from fae_pipe.cache import schema
 from fae_pipe.config import Config
 from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
+from fae_pipe.fae.autoencoder import FAE_FILE, FAE_FORMAT, FeatureAutoencoderModule, save_unless_same_weights
 from fae_pipe.fae.data import feature_split, open_feature_store, read_rows
 from fae_pipe.fae.evaluation import feature_metrics
-from fae_pipe.fae.export import FAE_FILE, FAE_FORMAT, save_unless_same_weights
-from fae_pipe.fae.losses import feature_loss
-from fae_pipe.fae.train_module import FeatureAutoencoderModule
+from fae_pipe.fae.objectives import feature_loss
 from fae_pipe.models.fae_encoder import DiagonalGaussian
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.models.registry import create_model, fae_parts

@@ -46,7 +46,7 @@ def run(cfg, resume: str | None = None) -> dict:
     net = create_model(s.model, **kwargs)
     set_attention_backend(net, cfg.runtime.attention)
     model, _ = run.prepare({"model": net}, identity={"model_name": s.model, "model_kwargs": kwargs,
-                                                     "latent_stats": info.stats()})
+                                                     "latent_stats": info.stats.to_dict()})
     shift = shift_factor(s.shift_mode, s.shift, latent_dim=c * h * w, base_dim=s.shift_base_dim)
     if run.main:
         print(f"train-sit: {s.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params) on "
@@ -79,7 +79,7 @@ def run(cfg, resume: str | None = None) -> dict:
         raw = run.accelerator.unwrap_model(model)
         save_sit_export(path, model_name=s.model, model_kwargs=kwargs, state_dict=cpu_state(raw),
                         ema_state_dict=None if run.ema is None else cpu_state(run.ema.model),
-                        latent_stats=info.stats(), fae_fingerprint=info.fae_fingerprint,
+                        latent_stats=info.stats.to_dict(), fae_fingerprint=info.fae_fingerprint,
                         num_classes=info.num_classes, latent_shape=list(info.shape),
                         transport={"shift_mode": s.shift_mode, "shift": s.shift, "shift_base_dim": s.shift_base_dim,
                                    "shift_factor": shift, "time_dist": s.time_dist, "null_class": info.num_classes},

@@ -13,22 +13,22 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from fae_helpers import cli, make_dataset, make_feature_store, write_config
+
+from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import record_path
-from fae_pipe.cache.inspect import inspect_store, verify_store as verify_with
+from fae_pipe.cache.inspect import inspect_store
+from fae_pipe.cache.inspect import verify_store as verify_with
+from fae_pipe.cache.latent_stats import LatentStats
 from fae_pipe.config import load_config
 from fae_pipe.data.index import read_index
 from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import FeatureAutoencoder, grid_to_tokens
 from fae_pipe.fae.data import feature_split, open_feature_store
-from fae_pipe.fae.encode_task import EncodeTask
-from fae_pipe.fae.export import load_latent_stats
-from fae_pipe.fae.losses import token_cosine
+from fae_pipe.tasks.latents import EncodeTask
+from fae_pipe.fae.objectives import token_cosine
 from fae_pipe.stages import encode, train_fae
-from fae_pipe.artifacts import file_fingerprint
-
 
 # verify_store takes the index reader (cache must not import data); tests always pass the real one
 verify_store = partial(verify_with, read_index=read_index)
@@ -95,10 +95,13 @@ def test_statistics_are_exact_and_travel_with_the_checkpoint(trained):
     np.testing.assert_allclose(mean, lat.mean(axis=(0, 1, 3, 4)), rtol=0, atol=1e-12)
     np.testing.assert_allclose(std, lat.std(axis=(0, 1, 3, 4)), rtol=1e-12, atol=0)
     fae_path = Path(cfg.paths.fae_run) / "fae.pt"
-    stats = load_latent_stats(fae_path)
-    assert stats["channel_mean"] == group.attrs[schema.A_CHANNEL_MEAN]
-    assert stats["channel_std"] == group.attrs[schema.A_CHANNEL_STD]
-    assert group.attrs["fae_fingerprint"] == stats["fae_fingerprint"] == file_fingerprint(fae_path)
+    stats = LatentStats.from_store(root / "latents.zarr")
+    assert list(stats.channel_mean) == group.attrs[schema.A_CHANNEL_MEAN]
+    assert list(stats.channel_std) == group.attrs[schema.A_CHANNEL_STD]
+    assert group.attrs["fae_fingerprint"] == stats.fae_fingerprint == file_fingerprint(fae_path)
+    assert LatentStats.from_dict(stats.to_dict(), "copy") == stats.__class__(stats.channel_mean, stats.channel_std,
+                                                                            stats.fae_fingerprint)
+    assert not (Path(cfg.paths.fae_run) / "latent_stats.json").exists()  # the store's attrs are the one source
     assert group.attrs["source_features"]["config_hash"] == "synthetic-features-v1"
     assert group.attrs[schema.A_COMPLETE] is True and lat.shape == (64, 2, 8, 4, 4)
     assert verify_store(root / "latents.zarr", cfg.paths.index) == []
@@ -107,15 +110,16 @@ def test_statistics_are_exact_and_travel_with_the_checkpoint(trained):
 
 def test_latents_decode_back_with_the_trained_cosine(trained):
     root, _, cfg = trained
-    fae = FeatureAutoencoder.load(Path(cfg.paths.fae_run) / "fae.pt")
+    fae = FeatureAutoencoder.load(Path(cfg.paths.fae_run) / "fae.pt", stats=LatentStats.from_store(root / "latents.zarr"))
     store = open_feature_store(cfg.paths.features)
     split = feature_split(store, cfg.paths.index)
     rows = np.flatnonzero(split.holdout)
     feats = torch.from_numpy(store[schema.FEATURES][:][rows].astype(np.float32))
     stored = torch.from_numpy(zarr.open_group(str(root / "latents.zarr"))[schema.LATENTS][:][rows].astype(np.float32))
     n, v = stored.shape[:2]
-    assert torch.allclose(fae.encode(feats.flatten(0, 1), normalized=False), stored.flatten(0, 1), rtol=2e-3, atol=1e-3)
-    normalised = (stored.flatten(0, 1) - fae.mean) / fae.std
+    assert torch.allclose(fae.encode_raw(feats.flatten(0, 1)), stored.flatten(0, 1), rtol=2e-3, atol=1e-3)
+    normalised = fae.stats.normalize(stored.flatten(0, 1))
+    assert torch.allclose(fae.encode(feats.flatten(0, 1)), normalised, rtol=2e-3, atol=2e-3)
     decoded = fae.decode(normalised).view(n, v, *feats.shape[2:])
     cosine = float(token_cosine(decoded, feats).mean())
     reached = json.loads((Path(cfg.paths.metrics) / "fae.json").read_text())["cosine"]

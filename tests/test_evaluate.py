@@ -104,11 +104,11 @@ def test_fid_of_identical_images_is_zero(tiny):
 
 
 def test_refuses_an_encoder_other_than_the_stores(tiny):
-    with pytest.raises(UserError, match="encoder.input_size = 224") as err:
-        evaluate.run(load_config(tiny, {"encoder.input_size": 224}))
+    with pytest.raises(UserError, match="image_encoder.input_size = 224") as err:
+        evaluate.run(load_config(tiny, {"image_encoder.input_size": 224}))
     assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match="encoder.precision"):
-        evaluate.run(load_config(tiny, {"encoder.precision": "fp32"}))
+    with pytest.raises(UserError, match="image_encoder.precision"):
+        evaluate.run(load_config(tiny, {"image_encoder.precision": "fp32"}))
 
 
 def test_random_encoder_weights_are_flagged(tmp_path):

@@ -45,14 +45,14 @@ def test_probe_writes_three_accuracies_and_is_reproducible(tiny, capsys):
 def test_pooled_features_follow_the_fae(tiny):
     cfg = load_config(tiny)
     group = open_feature_store(cfg.paths.features)
-    fae = FeatureAutoencoder.load(tiny.parent / "fae" / "fae.pt", stats=False)
+    fae = FeatureAutoencoder.load(tiny.parent / "fae" / "fae.pt")
     rows = np.array([0, 3, 7])
     feats = probe.pooled_features(group, fae, rows, 0)
     tokens = torch.from_numpy(read_view(group, "features", rows, 0))
-    z = fae.encode(tokens, normalized=False)
+    z = fae.encode_raw(tokens)
     assert np.allclose(feats["encoder"], tokens.mean(dim=1).numpy(), atol=1e-6)
     assert np.allclose(feats["latent"], z.mean(dim=(2, 3)).numpy(), atol=1e-5)
-    rebuilt = fae.decode(z, "features", normalized=False).mean(dim=1).numpy()
+    rebuilt = fae.decode_raw(z, "features").mean(dim=1).numpy()
     assert np.allclose(feats["reconstructed"], rebuilt, atol=1e-5)
 
 

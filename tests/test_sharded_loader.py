@@ -174,7 +174,7 @@ def test_latent_batches_are_normalised_with_the_store_statistics(store):
     epoch, xb, yb = next(data.from_step(0, torch.device("cpu")))
     idx = np.asarray(next(data.loader.batches_from(0))[1]["sample_ids"]) - 1000
     raw = x[idx, data.loader.epoch_views(0)[idx]].astype(np.float32)
-    want = (raw - np.array(info.channel_mean, np.float32)[:, None, None]) / np.array(info.channel_std, np.float32)[:, None, None]
+    want = (raw - np.array(info.stats.channel_mean, np.float32)[:, None, None]) / np.array(info.stats.channel_std, np.float32)[:, None, None]
     assert epoch == 0 and xb.dtype == torch.float32 and torch.allclose(xb, torch.from_numpy(want), atol=1e-5)
     assert torch.equal(yb, torch.from_numpy(idx % 4))
 

@@ -11,17 +11,17 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from fae_helpers import DIM, THREAD_ENV, cli, make_dataset, make_feature_store, write_config
+
+from fae_pipe.artifacts import seeded_generator
 from fae_pipe.cache import schema
 from fae_pipe.config import load_config
 from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
-from fae_pipe.fae.losses import adaptive_weight, discriminator_loss, feature_loss, generator_loss, noise_features
+from fae_pipe.fae.objectives import adaptive_weight, discriminator_loss, feature_loss, generator_loss, noise_features
 from fae_pipe.models.fae_encoder import DiagonalGaussian
 from fae_pipe.stages import train_fae
 from fae_pipe.training.checkpoint import load_checkpoint
-from fae_pipe.artifacts import seeded_generator
 
 # Held-out cosine after 40 steps must exceed 0.6 AND the input-blind baseline (the mean
 # training token at each grid position, ~0.26 on this data) by 0.2. Measured: 0.88. An
@@ -120,7 +120,7 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
 
 
 def test_an_export_with_the_same_weights_is_not_rewritten(tmp_path):
-    from fae_pipe.fae.export import save_unless_same_weights
+    from fae_pipe.fae.autoencoder import save_unless_same_weights
 
     path = tmp_path / "m.pt"
     assert save_unless_same_weights({"w": {"a": torch.ones(2)}, "wall": 1.0}, path, ("w",))

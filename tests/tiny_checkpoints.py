@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from fae_pipe.fae.export import DECODER_FORMAT, FAE_FORMAT, atomic_torch_save
+from fae_pipe.artifacts import atomic_torch_save, file_fingerprint
+from fae_pipe.fae.autoencoder import DECODER_FORMAT, FAE_FORMAT
 from fae_pipe.models.registry import create_model, fae_parts, model_kwargs
-from fae_pipe.training.checkpoint import file_fingerprint
 from fae_pipe.training.sit_export import save_sit_export
 
 NUM_CLASSES = 3

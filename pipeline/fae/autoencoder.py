@@ -1,15 +1,22 @@
-"""The trained FAE behind two calls: ``encode(features)`` and ``decode(latents)``.
+"""The trained FAE: its exported files, the trainable encoder + feature decoder pair, and the frozen
+object behind ``encode()`` / ``decode()``.
 
-Every consumer of a trained FAE (``encode``, ``train-decoder`` stage 2, ``sample``,
-``evaluate``, ``probe``) needs the same four things: the frozen encoder, the
-frozen feature decoder, optionally the pixel decoder, and the latent statistics
-that turn raw posterior means into the unit-scale latents the generator is
-trained on. This object loads them from the exported files (never from the
-latent store), checks they belong together, and hides the token/grid layouts:
+Files (every loader checks the ``format`` tag and names the file in its error):
+- ``fae.pt``: encoder + feature decoder weights (EMA when enabled), the registry
+  names to rebuild them, the token grid, the config and the fingerprint of the
+  feature store they were trained on. Written by ``train-fae``.
+- ``decoder.pt`` (decoder run directory): pixel decoder weights. Written by
+  ``train-decoder``.
+The latent statistics are not a file here: the latent store's attrs own them and
+``sit.pt`` carries a copy (``fae_pipe.cache.latent_stats.LatentStats``).
 
-- features are tokens ``(B, N, D)`` as cached in ``features.zarr``;
-- latents are grids ``(B, C, H, W)`` as stored in ``latents.zarr``;
-- images are ``(B, 3, H, W)`` in [0, 1].
+``FeatureAutoencoderModule`` is the pair as one ``nn.Module`` for training (so
+Accelerate/DDP wraps and syncs both in one forward); ``FeatureAutoencoder`` is
+what every consumer of a trained FAE (``encode``, ``train-decoder`` phase 2,
+``sample``, ``evaluate``, ``probe``) loads, in RAE's ``encode()``/``decode()``
+shape: it hides the token/grid layouts (features ``(B, N, D)`` as cached in
+``features.zarr``, latents ``(B, C, H, W)`` as stored in ``latents.zarr``, images
+``(B, 3, H, W)`` in [0, 1]) and checks the parts belong together.
 """
 
 from __future__ import annotations
@@ -18,10 +25,74 @@ from pathlib import Path
 
 import torch
 
+from fae_pipe.artifacts import atomic_torch_save, load_payload
+from fae_pipe.cache.latent_stats import LatentStats
 from fae_pipe.errors import UserError
-from fae_pipe.fae.export import load_decoder_file, load_fae_file, load_latent_stats
 from fae_pipe.models.fae_encoder import DiagonalGaussian
+from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.models.registry import create_model
+from torch import nn
+
+FAE_FORMAT = "fae-pipe/fae-v1"
+DECODER_FORMAT = "fae-pipe/pixel-decoder-v1"
+FAE_FILE = "fae.pt"
+DECODER_FILE = "decoder.pt"
+
+
+def save_unless_same_weights(payload: dict, path: str | Path, weight_keys: tuple[str, ...]) -> bool:
+    """Write ``payload`` unless ``path`` already holds the same weights; True when written.
+
+    Why: downstream artefacts pin an export by its sha256 (the latent store's config
+    hash, its ``fae_fingerprint`` attr, every SiT checkpoint). A re-run that trains nothing,
+    e.g. ``dvc repro`` after a code change resuming a finished run, must not give the
+    same model a new fingerprint through run-specific fields such as wall time.
+    """
+    path = Path(path)
+    if path.is_file():
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception:  # unreadable: replace it
+            old = None
+        if isinstance(old, dict) and all(_same(old.get(k), payload[k]) for k in weight_keys):
+            return False
+    atomic_torch_save(payload, path)
+    return True
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+def load_fae_file(path: str | Path) -> dict:
+    """The ``fae.pt`` payload (validated format)."""
+    return load_payload(path, FAE_FORMAT, "train-fae")
+
+
+def load_decoder_file(path: str | Path) -> dict:
+    """The ``decoder.pt`` payload (validated format)."""
+    return load_payload(path, DECODER_FORMAT, "train-decoder")
+
+
+class FeatureAutoencoderModule(nn.Module):
+    """features (B, N, D) -> (x_hat, mean, logvar); ``sample`` draws z from q(z|x), else z = mean.
+
+    State dict keys are ``encoder.*`` and ``feature_decoder.*``: the export splits
+    them back into the two registry models.
+    """
+
+    def __init__(self, encoder: nn.Module, feature_decoder: nn.Module, grid):
+        super().__init__()
+        self.encoder, self.feature_decoder = encoder, feature_decoder
+        self.grid = (int(grid[0]), int(grid[1]))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True):
+        mean, logvar = self.encoder(x, self.grid)
+        z = DiagonalGaussian(mean, logvar).sample(generator) if sample else mean
+        return self.feature_decoder(z, self.grid), mean, logvar
 
 
 def tokens_to_grid(x: torch.Tensor, grid) -> torch.Tensor:
@@ -43,29 +114,35 @@ def build_frozen(name: str, state: dict, device) -> torch.nn.Module:
 
 
 class FeatureAutoencoder:
-    """Frozen FAE encoder + feature decoder (+ pixel decoder) + latent statistics.
+    """Frozen FAE encoder + feature decoder (+ pixel decoder) + the latent statistics of its store.
+
+    Two spaces, two pairs of calls, no flag:
+    - ``encode`` / ``decode``: the unit-scale latents generators are trained on and
+      sample, ``(z - mean_c) / std_c`` with ``stats`` (a ``LatentStats``: from the
+      latent store's attrs, or the copy ``sit.pt`` carries);
+    - ``encode_raw`` / ``decode_raw`` / ``reconstruct``: raw posterior means, what
+      ``latents.zarr`` stores; no statistics needed.
 
     Args:
         encoder, feature_decoder: the trained FAE parts.
         grid: (H, W) token grid of the features.
-        pixel_decoder: optional, needed for ``decode(..., output="pixels")``.
-        channel_mean, channel_std: per-channel latent statistics (C,); None means
-            ``encode``/``decode`` work on raw posterior means only (``normalized=False``).
+        pixel_decoder: optional, needed for ``output="pixels"``.
+        stats: ``LatentStats`` or None (then only the raw calls work).
     """
 
-    def __init__(self, encoder, feature_decoder, grid, pixel_decoder=None, channel_mean=None, channel_std=None):
+    def __init__(self, encoder, feature_decoder, grid, pixel_decoder=None, stats: LatentStats | None = None):
         self.encoder, self.feature_decoder, self.pixel_decoder = encoder, feature_decoder, pixel_decoder
         self.grid = (int(grid[0]), int(grid[1]))
         self.device = next(encoder.parameters()).device
-        self.mean = self.std = None
-        if channel_mean is not None:
-            self.mean = torch.as_tensor(channel_mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-            self.std = torch.as_tensor(channel_std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.stats = stats
+        if stats is not None and stats.channels != encoder.latent_channels:
+            raise UserError(f"latent statistics have {stats.channels} channels, the FAE encoder "
+                            f"{encoder.latent_channels}: use the latent store this FAE wrote")
 
     @classmethod
-    def load(cls, fae_path: str | Path, decoder_path: str | Path | None = None, stats: bool = True,
-             device: torch.device | str = "cpu") -> FeatureAutoencoder:
-        """Load ``fae.pt`` (+ ``decoder.pt``) and, with ``stats``, the ``latent_stats.json`` beside it."""
+    def load(cls, fae_path: str | Path, decoder_path: str | Path | None = None, stats: LatentStats | None = None,
+             device: torch.device | str = "cpu", attention: str = "sdpa") -> FeatureAutoencoder:
+        """Load ``fae.pt`` (+ ``decoder.pt``); ``stats`` enables the normalised calls."""
         payload = load_fae_file(fae_path)
         enc = build_frozen(payload["models"]["encoder"], payload["encoder"], device)
         fdec = build_frozen(payload["models"]["feature_decoder"], payload["feature_decoder"], device)
@@ -76,22 +153,18 @@ class FeatureAutoencoder:
             if pdec.in_dim != fdec.out_dim:
                 raise UserError(f"{decoder_path} decodes {pdec.in_dim}-d features but {fae_path} "
                                 f"rebuilds {fdec.out_dim}-d ones: train the pixel decoder on the same feature store")
-        mean = std = None
-        if stats:
-            s = load_latent_stats(fae_path)
-            mean, std = s["channel_mean"], s["channel_std"]
-            if len(mean) != enc.latent_channels:
-                raise UserError(f"latent statistics beside {fae_path} have {len(mean)} channels, "
-                                f"the encoder {enc.latent_channels}: re-run `fae-pipe encode --overwrite`")
-        return cls(enc, fdec, payload["grid"], pdec, mean, std)
+        set_attention_backend([m for m in (enc, fdec, pdec) if m is not None], attention)
+        return cls(enc, fdec, payload["grid"], pdec, stats)
 
     @property
     def latent_channels(self) -> int:
         return self.encoder.latent_channels
 
-    def _check_stats(self, normalized: bool) -> None:
-        if normalized and self.mean is None:
-            raise UserError("latent statistics are not loaded: run `fae-pipe encode` first, or use normalized=False")
+    def _stats(self) -> LatentStats:
+        if self.stats is None:
+            raise UserError("latent statistics are not loaded: pass the latent store's LatentStats "
+                            "(FeatureAutoencoder.load(..., stats=...)) or use encode_raw/decode_raw")
+        return self.stats
 
     @torch.no_grad()
     def posterior(self, features: torch.Tensor) -> DiagonalGaussian:
@@ -99,25 +172,29 @@ class FeatureAutoencoder:
         return self.encoder.posterior(features.to(self.device, torch.float32), self.grid)
 
     @torch.no_grad()
-    def encode(self, features: torch.Tensor, normalized: bool = True) -> torch.Tensor:
-        """Features (B, N, D) -> posterior-mean latents (B, C, H, W), standardised per channel by default."""
-        self._check_stats(normalized)
-        z = tokens_to_grid(self.posterior(features).mean, self.grid)
-        return (z - self.mean) / self.std if normalized else z
+    def encode_raw(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (B, N, D) -> raw posterior-mean latents (B, C, H, W), as ``latents.zarr`` stores them."""
+        return tokens_to_grid(self.posterior(features).mean, self.grid)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, output: str = "features", normalized: bool = True) -> torch.Tensor:
-        """Latents (B, C, H, W) -> features (B, N, D), or images (B, 3, H, W) in [0, 1] with output="pixels"."""
+    def decode_raw(self, latents: torch.Tensor, output: str = "features") -> torch.Tensor:
+        """Raw latents (B, C, H, W) -> features (B, N, D), or images (B, 3, H, W) in [0, 1] with output="pixels"."""
         if output not in ("features", "pixels"):
             raise UserError(f"decode output: {output!r} is not valid; valid: 'features', 'pixels'")
-        self._check_stats(normalized)
-        z = latents.to(self.device, torch.float32)
-        if normalized:
-            z = z * self.std + self.mean
-        feats = self.feature_decoder(grid_to_tokens(z), self.grid)
-        if output == "features":
-            return feats
-        return self.features_to_pixels(feats)
+        feats = self.feature_decoder(grid_to_tokens(latents.to(self.device, torch.float32)), self.grid)
+        return feats if output == "features" else self.features_to_pixels(feats)
+
+    def reconstruct(self, features: torch.Tensor, output: str = "features") -> torch.Tensor:
+        """Features -> posterior mean -> rebuilt features (or pixels): the FAE round trip."""
+        return self.decode_raw(self.encode_raw(features), output)
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (B, N, D) -> unit-scale latents (B, C, H, W), the generators' space."""
+        return self._stats().normalize(self.encode_raw(features))
+
+    def decode(self, latents: torch.Tensor, output: str = "features") -> torch.Tensor:
+        """Unit-scale latents (B, C, H, W) -> features (B, N, D) or images in [0, 1] (output="pixels")."""
+        return self.decode_raw(self._stats().denormalize(latents.to(self.device)), output)
 
     @torch.no_grad()
     def features_to_pixels(self, features: torch.Tensor) -> torch.Tensor:

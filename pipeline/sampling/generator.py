@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fae_pipe.artifacts import file_fingerprint
+from fae_pipe.cache.latent_stats import LatentStats
 from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import FeatureAutoencoder
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.sampling.plan import batch_generator, sample_noise
-from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.training.sit_export import build_sit_from_export, load_sit_export
 from fae_pipe.transport import as_schedule, sample
 
@@ -56,17 +57,13 @@ class ImageGenerator:
     Args:
         sit: the SiT network (eval mode), called as ``sit(x, t, y)``.
         fae: ``FeatureAutoencoder`` with a pixel decoder.
-        channel_mean, channel_std: the latent statistics the SiT was trained with (C,).
         latent_shape: (C, H, W); num_classes: real classes (the null class is ``num_classes``).
         shift: the sampling-grid shift factor (the one used in training).
     """
 
-    def __init__(self, sit, fae: FeatureAutoencoder, channel_mean, channel_std, latent_shape, num_classes: int,
-                 shift: float, null_class: int, device):
+    def __init__(self, sit, fae: FeatureAutoencoder, latent_shape, num_classes: int, shift: float, null_class: int,
+                 device):
         self.sit, self.fae, self.device = sit, fae, torch.device(device)
-        c = int(latent_shape[0])
-        self.mean = torch.as_tensor(channel_mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-        self.std = torch.as_tensor(channel_std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.num_classes, self.shift, self.null_class = int(num_classes), float(shift), int(null_class)
 
@@ -83,18 +80,16 @@ class ImageGenerator:
         if use_ema and export.get("ema_state_dict") is None:
             print(f"sample: note: {sit_path} has no EMA weights (sit.ema_decay = 0); using the raw weights",
                   file=sys.stderr)
-        fae = FeatureAutoencoder.load(fae_path, decoder_path, stats=False, device=device)
+        stats = LatentStats.from_dict(export.get("latent_stats"), str(sit_path))
+        fae = FeatureAutoencoder.load(fae_path, decoder_path, stats=stats, device=device, attention=attention)
         shape = tuple(int(v) for v in export["latent_shape"])
         if (fae.latent_channels, *fae.grid) != shape:
             raise UserError(f"{sit_path} makes {shape[0]}x{shape[1]}x{shape[2]} latents but {fae_path} decodes "
                             f"{fae.latent_channels}x{fae.grid[0]}x{fae.grid[1]}: use the FAE the SiT was trained for")
-        stats = export["latent_stats"]
         transport = export.get("transport") or {}
         sit = set_attention_backend(build_sit_from_export(export, use_ema=use_ema).to(device), attention)
-        set_attention_backend((fae.encoder, fae.feature_decoder, fae.pixel_decoder), attention)
         num_classes = int(export["num_classes"])
-        return cls(sit, fae, stats["channel_mean"], stats["channel_std"], shape, num_classes,
-                   float(transport.get("shift_factor", 1.0)), int(transport.get("null_class", num_classes)), device)
+        return cls(sit, fae, shape, num_classes, float(transport.get("shift_factor", 1.0)), int(transport.get("null_class", num_classes)), device)
 
     def latents(self, labels, noise: torch.Tensor, method: str = "euler", steps: int = 250, guidance=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -108,8 +103,7 @@ class ImageGenerator:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Normalised latents -> uint8 images (B, H, W, 3) through the feature and pixel decoders."""
-        z = latents.to(self.device, torch.float32) * self.std + self.mean
-        return to_uint8(self.fae.decode(z, output="pixels", normalized=False))
+        return to_uint8(self.fae.decode(latents, output="pixels"))
 
     def generate(self, batch: range, labels, seed: int, method: str = "euler", steps: int = 250,
                  guidance=None) -> np.ndarray:

@@ -197,7 +197,9 @@ class Trainer:
             clear_rank_records(self.run_dir)
         if self.tracking:
             section = dataclasses.asdict(getattr(self.cfg, self.section))
-            self.accelerator.init_trackers("tensorboard", config=tracker_config(section, self.section))
+            # TensorBoard writes to <run>/tensorboard; the others file the run under a project per stage
+            project = "tensorboard" if self.t.log_with == "tensorboard" else f"fae-pipe-{self.stage}"
+            self.accelerator.init_trackers(project, config=tracker_config(section, self.section))
         self.accelerator.wait_for_everyone()
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}

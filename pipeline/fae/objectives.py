@@ -12,13 +12,18 @@ Pixel stage: reconstruction (L1 or L2 on [-1, 1] images) + LPIPS + a GAN term
 whose weight is the VQGAN adaptive weight: the ratio of the gradient norms of the
 reconstruction-plus-perceptual loss and of the generator loss at the decoder's
 last layer, so the adversarial push never swamps the reconstruction signal.
+Schedule (``DecoderObjective``): until ``gan_start`` only ``rec + lpips_weight *
+LPIPS`` trains the decoder and the discriminator is not even run (it would learn
+from a moving blur and cost time). From ``gan_start`` on, each step first updates
+the decoder with ``+ gan_weight * w_adapt * L_G`` and then the discriminator on the
+same real/fake pair, with the fake detached; while the decoder updates, the
+discriminator's parameters are frozen so they collect no gradient.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from fae_pipe.errors import UserError
 
 ADAPTIVE_WEIGHT_MAX = 1e4  # VQGAN's clamp: a vanishing GAN gradient must not explode the weight
@@ -86,3 +91,35 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     weight = nll_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, ADAPTIVE_WEIGHT_MAX).detach()
+
+
+class DecoderObjective:
+    """Holds the frozen LPIPS net and the decoder section settings; computes both losses."""
+
+    def __init__(self, dc, lpips_model):
+        self.dc, self.lpips = dc, lpips_model
+
+    def gan_active(self, step: int) -> bool:
+        """True from ``gan_start`` on (0-based optimizer step) when the GAN weight is positive."""
+        return self.dc.gan_weight > 0 and step >= self.dc.gan_start
+
+    def generator(self, pred: torch.Tensor, target: torch.Tensor, disc, last_layer, gan: bool) -> dict:
+        """Decoder loss terms; ``loss`` is what to backpropagate."""
+        rec = reconstruction_loss(pred, target, self.dc.rec_loss)
+        perc = (self.lpips(pred.float(), target.float()).mean() if self.dc.lpips_weight > 0
+                else torch.zeros((), device=pred.device))
+        nll = rec + self.dc.lpips_weight * perc
+        out = {"rec": rec, "lpips": perc, "gan": None, "d_weight": None}
+        if not gan:
+            out["loss"] = nll
+            return out
+        disc.requires_grad_(False)
+        g_loss = generator_loss(disc(pred), self.dc.gan_loss)
+        disc.requires_grad_(True)
+        weight = adaptive_weight(nll, g_loss, last_layer)
+        out.update(loss=nll + self.dc.gan_weight * weight * g_loss, gan=g_loss, d_weight=weight)
+        return out
+
+    def discriminator(self, disc, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        """Discriminator loss on real targets vs detached reconstructions."""
+        return discriminator_loss(disc(real), disc(fake.detach()), self.dc.gan_loss)

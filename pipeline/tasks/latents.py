@@ -1,12 +1,10 @@
-"""The shard task of ``fae-pipe encode`` for the generic sharded runner (``fae_pipe.cache.shards``).
+"""``EncodeTask``: one storage shard of ``features.zarr`` -> the same shard of ``latents.zarr`` (``encode``).
 
 One storage shard of ``latents.zarr`` holds exactly the samples of one storage
 shard of ``features.zarr`` (same ``shard_samples``), so a task reads one feature
 shard whole (the fast way to read the cache), runs the frozen FAE encoder over
 every view, and returns the posterior means (and optionally stds) as float16
-grids plus the shard's per-channel moments of the stored values. The task holds
-only paths and settings, so it pickles to dask workers; ``setup`` loads the FAE
-once per worker process.
+grids plus the shard's per-channel moments of the stored values.
 """
 
 from __future__ import annotations
@@ -14,13 +12,11 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-import torch
 
 from fae_pipe.cache import schema
+from fae_pipe.cache.latent_stats import shard_moments
 from fae_pipe.errors import UserError
-from fae_pipe.fae.autoencoder import FeatureAutoencoder, tokens_to_grid
-from fae_pipe.fae.channel_stats import shard_moments
-from fae_pipe.models.layers import check_attention_backend, set_attention_backend
+from fae_pipe.models.layers import check_attention_backend
 
 
 class EncodeTask:
@@ -46,14 +42,17 @@ class EncodeTask:
 
     def setup(self) -> None:
         from fae_pipe.device import pick_device
+        from fae_pipe.fae.autoencoder import FeatureAutoencoder
 
-        self.fae = FeatureAutoencoder.load(self.fae_path, stats=False, device=pick_device(self.device_name))
-        set_attention_backend((self.fae.encoder, self.fae.feature_decoder), self.attention)
+        self.fae = FeatureAutoencoder.load(self.fae_path, device=pick_device(self.device_name), attention=self.attention)
         self.group, _ = schema.open_store(self.features_path)
 
-    @torch.no_grad()
     def compute(self, shard_index: int, start: int, stop: int,
                 progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+        import torch
+
+        from fae_pipe.fae.autoencoder import tokens_to_grid
+
         feats = self.group[schema.FEATURES][start:stop]  # (n, V, N, D) float16, one whole shard
         valid = np.asarray(self.group[schema.VALID][start:stop], dtype=bool)
         n, views = feats.shape[0], feats.shape[1]
