@@ -25,12 +25,14 @@ from fae_pipe.errors import UserError
 def atomic_write(path: str | Path, write: Callable[[Path], None], fsync: bool = False) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it over ``path``.
 
-    The temp name carries the pid so two processes never share one; a failed
-    ``write`` removes its temp file and re-raises.
+    The temp name (``.<name>.<pid>.tmp``) carries the pid so two processes never
+    share one, and ends in ``.tmp`` so stray-file cleanup finds it; ``write`` must
+    not rely on the file extension (pass formats explicitly). A failed ``write``
+    removes its temp file and re-raises.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         if fsync:

@@ -11,6 +11,6 @@ echo "demo: sample grid  -> samples/grid.png"
 echo "demo: metrics      -> metrics/*.json   (dvc metrics show)"
 echo "demo: loss curves  -> dvc plots show   (writes dvc_plots/index.html)"
 if grep -qE '^\s*weights:\s*random' params.yaml; then
-  echo "demo: NOTE the DINOv2 encoder ran with RANDOMLY INITIALISED weights (encoder.weights: random)."
-  echo "      For real features put a DINOv2 checkpoint on disk and set encoder.weights: /path/to/file.safetensors"
+  echo "demo: NOTE the DINOv2 encoder ran with RANDOMLY INITIALISED weights (image_encoder.weights: random)."
+  echo "      For real features put a DINOv2 checkpoint on disk and set image_encoder.weights: /path/to/file.safetensors"
 fi

@@ -3,7 +3,7 @@
 Why: the SiT loop must never wait for data. Three references run side by side on
 the same latents (the configured ``paths.latents``, or with ``--synthetic NxCxHxW`` a
 temporary store of random samples in the schema's layout, e.g. the paper's 32x16x16
-latents, which the CPU demo does not produce), batch size ``sit.batch_size``:
+latents, which the CPU demo does not produce), batch size ``sit.train.batch_size``:
 
 * the whole array in RAM as one NumPy array, random rows + random view picked by
   fancy indexing: the upper limit of any loader;

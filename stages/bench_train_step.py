@@ -74,8 +74,8 @@ class SitStep:
 
     def __call__(self, x, y, step: int) -> None:
         self.loss(x, y, step).backward()
-        if self.s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip)
+        if self.t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

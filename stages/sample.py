@@ -13,15 +13,14 @@ Same seed, same images, whatever the batch split over processes (``plan.py``).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from fae_pipe.artifacts import atomic_write, atomic_write_json, file_fingerprint
 from fae_pipe.config import Config
 from fae_pipe.device import pick_device
 from fae_pipe.errors import UserError
@@ -29,7 +28,7 @@ from fae_pipe.sampling.generator import ImageGenerator, default_paths
 from fae_pipe.sampling.grid import make_grid
 from fae_pipe.sampling.outputs import SAMPLES_FILE, gather_parts, save_samples, write_part
 from fae_pipe.sampling.plan import balanced_labels, process_batches, resolve_classes
-from fae_pipe.artifacts import file_fingerprint
+from tqdm.auto import tqdm
 
 MAX_GRID_ROWS = 64  # a 1000-class grid would be a 258k-pixel-tall PNG; the first 64 classes show enough
 META_FILE = "samples.json"
@@ -104,7 +103,8 @@ def run(cfg: Config) -> dict:
 def _write_outputs(out_dir: Path, images, labels, classes, names, s, gen, fae_path, sit_path, world) -> dict:
     save_samples(out_dir / SAMPLES_FILE, images, labels)
     shown = classes[:MAX_GRID_ROWS]
-    make_grid(images, labels, shown, s.grid_per_class, names).save(out_dir / "grid.png")
+    grid = make_grid(images, labels, shown, s.grid_per_class, names)
+    atomic_write(out_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     if len(classes) > len(shown):
         print(f"sample: grid.png shows the first {len(shown)} of {len(classes)} classes", file=sys.stderr)
     return {
@@ -118,6 +118,4 @@ def _write_outputs(out_dir: Path, images, labels, classes, names, s, gen, fae_pa
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, meta)

@@ -133,3 +133,42 @@ def test_resume_auto_only_with_matching_settings(tmp_path):
     save_checkpoint(tmp_path, 5, {**EMPTY, "config": {"sit": {"lr": 1.0, "steps": 10}}}, keep_last=1)
     assert resolve_resume(tmp_path, "auto", "sit", {"lr": 1.0, "steps": 20}).name == "step-000000005.pt"
     assert resolve_resume(tmp_path, "auto", "sit", {"lr": 2.0, "steps": 10}) is None
+
+
+def test_log_rows_average_their_window_and_land_at_multiples_of_log_every(tmp_path):
+    run, model = tiny_trainer(tmp_path, steps=7, log_every=3, checkpoint_every=100)
+    for step in run.steps():
+        loss = model(torch.ones(2, 3)).pow(2).mean() * 0 + float(step)  # the loss of step s is s
+        run.backward(loss)
+        run.update("model", loss)
+        run.log(loss=loss)
+    run.finish()
+    rows = list(csv.DictReader(open(tmp_path / "run" / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == [3, 6, 7]  # the last step always closes a window
+    assert [float(r["loss"]) for r in rows] == [1.0, 4.0, 6.0]  # means of (0,1,2), (3,4,5), (6,)
+
+
+def test_resume_auto_ignores_loop_keys_inside_nested_groups(tmp_path):
+    save_checkpoint(tmp_path, 5, {**EMPTY, "config": {"sit": {"model": "a", "train": {"lr": 1.0, "steps": 10}}}},
+                    keep_last=1)
+    same = {"model": "a", "train": {"lr": 1.0, "steps": 20, "log_every": 7}}
+    assert resolve_resume(tmp_path, "auto", "sit", same).name == "step-000000005.pt"
+    assert resolve_resume(tmp_path, "auto", "sit", {"model": "a", "train": {"lr": 2.0, "steps": 10}}) is None
+
+
+def test_trackers_tensorboard_none_and_missing(tmp_path, capsys):
+    from fae_pipe.training.logs import available_tracker
+
+    run, model = tiny_trainer(tmp_path / "tb", steps=2, log_every=1, checkpoint_every=100, log_with="tensorboard")
+    for _ in run.steps():
+        loss = model(torch.ones(2, 3)).pow(2).mean()
+        run.backward(loss)
+        run.update("model", loss)
+        run.log(loss=loss)
+    run.finish()
+    events = list((tmp_path / "tb" / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and any(p.stat().st_size > 0 for p in events)
+    run, _ = tiny_trainer(tmp_path / "none", steps=1, log_with="none")
+    assert not run.tracking and not (tmp_path / "none" / "run" / "tensorboard").exists()
+    assert available_tracker("aim", "train-x") is None  # aim is not installed here
+    assert "train.log_with = 'aim' but the aim package is not installed" in capsys.readouterr().out

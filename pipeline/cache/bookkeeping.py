@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from fae_pipe.artifacts import atomic_write_json
 from fae_pipe.cache.schema import BOOKKEEPING_DIR
 from fae_pipe.errors import UserError
 
@@ -28,16 +29,8 @@ def record_path(store_path, shard_index: int) -> Path:
     return bookkeeping_dir(store_path) / "done" / f"shard-{shard_index:05d}.json"
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to ``path`` via a temp file and ``os.replace`` (never a torn file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def write_record(store_path, shard_index: int, record: dict) -> None:
-    write_json_atomic(record_path(store_path, shard_index), record)
+    atomic_write_json(record_path(store_path, shard_index), record, indent=None, sort_keys=True)
 
 
 def read_record(store_path, shard_index: int) -> dict | None:

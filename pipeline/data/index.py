@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fae_pipe.artifacts import atomic_write_text
 from fae_pipe.errors import UserError
 
 INDEX_SCHEMA = "fae-pipe-index/1"
@@ -143,18 +144,7 @@ class DatasetIndex:
 
 def write_index(index: DatasetIndex, path) -> Path:
     """Write ``index`` as JSON atomically (temporary file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(index.to_json(), f, separators=(",", ":"))
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write_text(path, json.dumps(index.to_json(), separators=(",", ":")) + "\n")
 
 
 def read_index(path) -> DatasetIndex:

@@ -24,7 +24,6 @@ float32 whatever the compute precision.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -32,10 +31,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from torch import nn
 
+from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.device import pick_device
 from fae_pipe.errors import UserError
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,8 @@ PRECISIONS = ("fp32", "bf16")
 DINOV2_NAMES = tuple(f"vit_{size}_patch14{reg}_dinov2"
                      for size in ("small", "base", "large", "giant") for reg in ("", "_reg4"))
 RANDOM_SEED = 0
-RANDOM_WARNING = ("encoder weights are RANDOM (encoder.weights=random): features are not DINOv2 features; "
-                  "set encoder.weights to a local checkpoint")
-
-
-def file_sha256(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks (checkpoints are gigabytes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+RANDOM_WARNING = ("encoder weights are RANDOM (image_encoder.weights=random): features are not DINOv2 features; "
+                  "set image_encoder.weights to a local checkpoint")
 
 
 def _hub_cached_file(hub_id: str) -> str | None:
@@ -84,8 +75,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _no_hub_error(name: str, why: str) -> UserError:
-    return UserError(f"encoder.weights=hub: cannot get '{name}.{HUB_TAG}' ({why}); with no network, set "
-                     f"encoder.weights to a local DINOv2 checkpoint file (.safetensors/.pth, timm or Meta format)")
+    return UserError(f"image_encoder.weights=hub: cannot get '{name}.{HUB_TAG}' ({why}); with no network, set "
+                     f"image_encoder.weights to a local DINOv2 checkpoint file (.safetensors/.pth, timm or Meta format)")
 
 
 def _create_model(name: str, weights: str, input_size: int) -> tuple[nn.Module, str]:
@@ -116,15 +107,15 @@ def _create_model(name: str, weights: str, input_size: int) -> tuple[nn.Module, 
             raise _no_hub_error(name, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise UserError(f"encoder.weights '{weights}' not found: expected 'hub', 'random' or an existing "
+        raise UserError(f"image_encoder.weights '{weights}' not found: expected 'hub', 'random' or an existing "
                         f"checkpoint file (.safetensors/.pth/.bin)")
     try:
         model = timm.create_model(name, pretrained=True, img_size=input_size,
                                   pretrained_cfg_overlay=dict(file=str(path)))
     except Exception as e:  # noqa: BLE001 - wrong architecture, damaged file, unknown format
-        raise UserError(f"encoder.weights '{weights}': cannot load it into {name}: "
+        raise UserError(f"image_encoder.weights '{weights}': cannot load it into {name}: "
                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    return model, f"sha256:{file_sha256(path)}"
+    return model, file_fingerprint(path)
 
 
 class FrozenDinoEncoder(nn.Module):
@@ -194,11 +185,11 @@ class FrozenDinoEncoder(nn.Module):
 def build_encoder(name: str, weights: str, input_size: int, device="auto", precision: str = "bf16") -> FrozenDinoEncoder:
     """Build the frozen encoder ``name`` at ``input_size`` px with ``weights`` ("hub", "random" or a file)."""
     if name not in DINOV2_NAMES:
-        raise UserError(f"encoder.name = {name!r} is invalid: expected one of {', '.join(DINOV2_NAMES)}")
+        raise UserError(f"image_encoder.name = {name!r} is invalid: expected one of {', '.join(DINOV2_NAMES)}")
     if input_size < PATCH or input_size % PATCH:
-        raise UserError(f"encoder.input_size = {input_size} is invalid: expected a multiple of {PATCH}")
+        raise UserError(f"image_encoder.input_size = {input_size} is invalid: expected a multiple of {PATCH}")
     if precision not in PRECISIONS:
-        raise UserError(f"encoder.precision = {precision!r} is invalid: expected one of {', '.join(PRECISIONS)}")
+        raise UserError(f"image_encoder.precision = {precision!r} is invalid: expected one of {', '.join(PRECISIONS)}")
     dev = device if isinstance(device, torch.device) else pick_device(device)
     model, fingerprint = _create_model(name, str(weights), input_size)
     return FrozenDinoEncoder(model, name, str(weights), fingerprint, input_size, dev, precision)

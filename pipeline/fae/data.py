@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fae_pipe.artifacts import atomic_write
 from fae_pipe.cache import schema
 from fae_pipe.data.index import read_index
 from fae_pipe.data.transforms import ImageDecodeError, load_pixels
@@ -147,9 +149,4 @@ def save_grid(path: str | Path, originals: np.ndarray, recons: np.ndarray, colum
         r, c = divmod(i, columns)
         canvas[(2 * r) * h:(2 * r + 1) * h, c * w:(c + 1) * w] = originals[i]
         canvas[(2 * r + 1) * h:(2 * r + 2) * h, c * w:(c + 1) * w] = recons[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(canvas).save(tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(canvas).save(tmp, format="PNG"))

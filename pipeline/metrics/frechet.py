@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fae_pipe.artifacts import atomic_write
 from fae_pipe.errors import UserError
 
 
@@ -172,4 +173,8 @@ def load_stats_npz(path: str | Path, mu_key: str = "mu", sigma_key: str = "sigma
 def save_stats_npz(path: str | Path, mu, sigma) -> None:
     """Write (mu, sigma) as float64 arrays ``mu`` and ``sigma`` to an .npz file."""
     mu, sigma = _check_stats(mu, sigma, str(path))
-    np.savez(Path(path), mu=mu, sigma=sigma)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, mu=mu, sigma=sigma)
+
+    atomic_write(path, write)

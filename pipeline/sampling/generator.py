@@ -78,7 +78,7 @@ class ImageGenerator:
         export = load_sit_export(sit_path)
         check_fae_match(export, sit_path, fae_path)
         if use_ema and export.get("ema_state_dict") is None:
-            print(f"sample: note: {sit_path} has no EMA weights (sit.ema_decay = 0); using the raw weights",
+            print(f"sample: note: {sit_path} has no EMA weights (sit.train.ema_decay = 0); using the raw weights",
                   file=sys.stderr)
         stats = LatentStats.from_dict(export.get("latent_stats"), str(sit_path))
         fae = FeatureAutoencoder.load(fae_path, decoder_path, stats=stats, device=device, attention=attention)

@@ -12,12 +12,12 @@ leaves a truncated ``samples.npz``.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from fae_pipe.artifacts import atomic_write
 from fae_pipe.errors import UserError
 
 SAMPLES_FILE = "samples.npz"
@@ -25,11 +25,11 @@ PARTS_DIR = ".parts"
 
 
 def _atomic_savez(path: Path, **arrays) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez adds no ".npz" to the temp name
+            np.savez(fh, **arrays)
+
+    return atomic_write(path, write)
 
 
 def save_samples(path, images: np.ndarray, labels: np.ndarray) -> Path:

@@ -18,18 +18,11 @@ under ``accelerate launch``. So nothing here depends on who computes a sample:
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 
+from fae_pipe.artifacts import derived_seed
 from fae_pipe.errors import UserError
-
-
-def derived_seed(seed: int, stream: str, index: int) -> int:
-    """A 63-bit seed that depends only on ``(seed, stream, index)``."""
-    digest = hashlib.blake2b(f"{int(seed)}/{stream}/{int(index)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def resolve_classes(requested: list, num_classes: int, class_names: list[str] | None = None) -> list[int]:

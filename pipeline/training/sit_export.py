@@ -10,11 +10,11 @@ and the resolved config. Written atomically; read back with ``load_sit_export``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from fae_pipe.artifacts import atomic_torch_save, load_payload
 from fae_pipe.errors import UserError
 
 FORMAT = "fae-pipe/sit-export"
@@ -28,25 +28,13 @@ def save_sit_export(path: str | Path, **fields) -> Path:
     missing = [k for k in REQUIRED if k not in fields]
     if missing:
         raise ValueError(f"sit export is missing {missing}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "version": VERSION, **fields}, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save({"format": FORMAT, "version": VERSION, **fields}, path)
 
 
 def load_sit_export(path: str | Path) -> dict:
     """Read and check an export written by ``save_sit_export``."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"SiT export '{p}' not found; run `fae-pipe train-sit` first")
-    try:
-        payload = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise UserError(f"SiT export '{p}' cannot be read ({type(e).__name__}); re-run `fae-pipe train-sit`") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise UserError(f"'{p}' is not a SiT export written by `fae-pipe train-sit`")
+    payload = load_payload(p, FORMAT, "train-sit", what="SiT export")
     if payload.get("version") != VERSION:
         raise UserError(f"SiT export '{p}' has version {payload.get('version')!r}; this fae-pipe reads {VERSION}")
     return payload

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,16 +37,32 @@ from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from tqdm import tqdm
+from accelerate.state import AcceleratorState
 
 from fae_pipe.artifacts import seeded_generator
 from fae_pipe.errors import UserError
-from fae_pipe.training.checkpoint import (capture_rng, check_finite_weights, clear_checkpoints, last_good,
-                                          load_checkpoint, resolve_resume, restore_rng, save_checkpoint)
+from fae_pipe.training.checkpoint import (
+    capture_rng,
+    check_finite_weights,
+    clear_checkpoints,
+    last_good,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
 from fae_pipe.training.ema import EMA
-from fae_pipe.training.logs import (StepLog, available_tracker, clear_rank_records, final_loss, tracker_config,
-                                    write_metrics, write_rank_record)
+from fae_pipe.training.logs import (
+    StepLog,
+    available_tracker,
+    clear_rank_records,
+    final_loss,
+    tracker_config,
+    write_metrics,
+    write_rank_record,
+)
 from fae_pipe.training.schedule import make_scheduler
+from tqdm import tqdm
 
 
 def make_accelerator(precision: str, grad_accum: int, key: str, log_with: str | None = None,
@@ -55,6 +72,11 @@ def make_accelerator(precision: str, grad_accum: int, key: str, log_with: str | 
     if precision == "fp16" and cpu:
         raise UserError(f"config error: {key}.precision = 'fp16' is invalid on CPU: expected 'fp32' or 'bf16'")
     mixed = "no" if precision in ("fp32", "no") else precision
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Accelerate keeps one process-wide state; a second stage run in the same process (a
+        # notebook, a test, a driver script) may ask for another precision. Single-process
+        # state holds nothing worth keeping, so start it afresh; launched runs keep theirs.
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=cpu,
                        log_with=log_with, project_dir=None if run_dir is None else str(run_dir))
 
@@ -363,7 +385,8 @@ class Trainer:
             print(f"{self.stage}: steps {self.start}->{t.steps} ({rate}), world size {self.world}{loss}"
                   f"{', ' + note if note else ''}, {summary['wall_seconds']:.1f} s"
                   f"{' -> ' + str(out) if out else ''}", file=sys.stderr, flush=True)
-        if self.tracking:
-            self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
+        if self.tracking:  # not end_training(): that also tears down the process group
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
         return summary
