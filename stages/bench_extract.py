@@ -62,8 +62,8 @@ def _naive(enc, index, n: int, cfg: Config, out_dir: Path) -> float:
 def run(cfg: Config) -> None:
     from fae_pipe.data.index import read_index
     from fae_pipe.data.transforms import ImageDecodeError, encoder_input, load_pixels
-    from fae_pipe.tasks.features import build_encoder_from
     from fae_pipe.stages.extract import extract_features
+    from fae_pipe.tasks.features import build_encoder_from
 
     index = read_index(cfg.paths.index)
     n = min(MAX_IMAGES, len(index))

@@ -22,6 +22,7 @@ from fae_pipe.config import Config
 from fae_pipe.errors import UserError
 from fae_pipe.tasks.features import FeatureExtractTask, build_encoder_from
 
+
 def store_attrs(cfg: Config, enc, index, n: int) -> dict:
     """Group attrs saying how the features were made (see docs/cache.md)."""
     from fae_pipe.data.transforms import IMAGENET_MEAN, IMAGENET_STD

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fae_pipe.artifacts import atomic_write, atomic_write_json, file_fingerprint
 from fae_pipe.config import Config
@@ -28,7 +29,6 @@ from fae_pipe.sampling.generator import ImageGenerator, default_paths
 from fae_pipe.sampling.grid import make_grid
 from fae_pipe.sampling.outputs import SAMPLES_FILE, gather_parts, save_samples, write_part
 from fae_pipe.sampling.plan import balanced_labels, process_batches, resolve_classes
-from tqdm.auto import tqdm
 
 MAX_GRID_ROWS = 64  # a 1000-class grid would be a 258k-pixel-tall PNG; the first 64 classes show enough
 META_FILE = "samples.json"

@@ -29,6 +29,7 @@ def tiny(tmp_path_factory):
     return session_pipeline(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_bench_train_step_on_the_cached_store(tiny, capsys):
     main(["bench", "train-step", "--config", str(tiny)])
     out = capsys.readouterr().out
@@ -43,6 +44,7 @@ def test_bench_train_step_on_the_cached_store(tiny, capsys):
         summary["steps_per_s"]["cached"] / summary["steps_per_s"]["online"])
 
 
+@pytest.mark.slow
 def test_bench_train_step_synthetic_store_follows_the_configured_shapes(tiny, capsys):
     # a 4x4 grid at 56 px: the temporary store must take its shape from the encoder and FAE, not paths.latents
     main(["bench", "train-step", "--config", str(tiny), "--synthetic", "20", "--set", "image_encoder.input_size=56",

@@ -18,6 +18,8 @@ import zarr
 
 from fae_pipe.data.index import read_index
 
+pytestmark = pytest.mark.slow  # real subprocess runs: minutes, not seconds
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from fae_helpers import cli, make_dataset, make_feature_store, write_config
 
 from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.cache import schema
@@ -26,9 +25,11 @@ from fae_pipe.data.index import read_index
 from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import FeatureAutoencoder, grid_to_tokens
 from fae_pipe.fae.data import feature_split, open_feature_store
-from fae_pipe.tasks.latents import EncodeTask
 from fae_pipe.fae.objectives import token_cosine
 from fae_pipe.stages import encode, train_fae
+from fae_pipe.tasks.latents import EncodeTask
+
+from fae_helpers import cli, make_dataset, make_feature_store, write_config
 
 # verify_store takes the index reader (cache must not import data); tests always pass the real one
 verify_store = partial(verify_with, read_index=read_index)

@@ -65,6 +65,7 @@ def test_plain_zarr_and_dask_see_the_documented_layout(work):
     assert not np.array_equal(values[:, 0], values[:, 1])
 
 
+@pytest.mark.slow
 def test_dask_local_cluster_matches_in_process(work):
     done = cli(work, "extract", "--config", "tiny.yaml", "--set", "paths.features=cache/dask.zarr",
                "--workers", "2", "--shards", "4")
@@ -72,6 +73,7 @@ def test_dask_local_cluster_matches_in_process(work):
     assert_same_arrays(read_arrays(work / "cache/dask.zarr"), read_arrays(work / "cache/features.zarr"))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(work):
     store = work / "cache/killed.zarr"
     proc = popen(work, "extract", "--config", "tiny.yaml", "--set", "paths.features=cache/killed.zarr",
@@ -97,6 +99,7 @@ def test_sigkill_then_resume_is_bit_identical(work):
     assert zarr.open_group(str(store), mode="r").attrs["complete"] is True
 
 
+@pytest.mark.slow
 def test_other_config_refused_unless_overwrite(work):
     shutil.copytree(work / "cache/features.zarr", work / "cache/other.zarr")
     args = ("extract", "--config", "tiny.yaml", "--set", "paths.features=cache/other.zarr",
@@ -121,6 +124,7 @@ def test_live_lock_refused(work):
     assert "remove" in line and ".fae/lock" in line
 
 
+@pytest.mark.slow
 def test_unreadable_images_skipped_or_fatal(work, tmp_path):
     """Files damaged after `prepare` indexed them: zero-byte, truncated, garbage."""
     shutil.copytree(work / "data", tmp_path / "data")

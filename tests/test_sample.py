@@ -166,6 +166,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_process_launch_matches_one_process(runs, tmp_path):
     """A real `accelerate launch` with 2 CPU processes writes the same npz as a plain run."""
     import os

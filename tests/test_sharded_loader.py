@@ -215,6 +215,7 @@ def test_bench_loader_runs_and_writes_its_metrics(store, tmp_path):
     assert json.loads((tmp_path / "bench_loader.json").read_text())["configured_mode"] == "loader_in_ram"
 
 
+@pytest.mark.slow
 def test_bench_loader_synthetic_store_through_the_cli(tmp_path):
     import json
     import subprocess

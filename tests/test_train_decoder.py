@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fae_helpers import features_of, make_dataset, make_feature_store, paint, write_config
+from PIL import Image
 
 from fae_pipe.cache import schema
 from fae_pipe.config import load_config
@@ -16,7 +16,8 @@ from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
 from fae_pipe.fae.data import PixelBatches, feature_split, open_feature_store
 from fae_pipe.stages import train_decoder, train_fae
-from PIL import Image
+
+from fae_helpers import features_of, make_dataset, make_feature_store, paint, write_config
 
 DECODER = {"lpips_backbone": "random", "lpips_weight": 0.1, "gan_weight": 0.1, "gan_start": 20,
            "discriminator": "patchgan_tiny", "eval_images": 16,

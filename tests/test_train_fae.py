@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from fae_helpers import DIM, THREAD_ENV, cli, make_dataset, make_feature_store, write_config
 
 from fae_pipe.artifacts import seeded_generator
 from fae_pipe.cache import schema
@@ -22,6 +21,8 @@ from fae_pipe.fae.objectives import adaptive_weight, discriminator_loss, feature
 from fae_pipe.models.fae_encoder import DiagonalGaussian
 from fae_pipe.stages import train_fae
 from fae_pipe.training.checkpoint import load_checkpoint
+
+from fae_helpers import DIM, THREAD_ENV, cli, make_dataset, make_feature_store, write_config
 
 # Held-out cosine after 40 steps must exceed 0.6 AND the input-blind baseline (the mean
 # training token at each grid position, ~0.26 on this data) by 0.2. Measured: 0.88. An
@@ -92,6 +93,7 @@ def test_training_learns_and_writes_artefacts(data, tmp_path):
     assert export["source_features"]["config_hash"] == "synthetic-features-v1" and export["feature_dim"] == DIM
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     common = dict(fae={"train": {"steps": 24, "checkpoint_every": 4, "keep_last": 20, "eval_every": 100, "ema_decay": 0.9}})
     ref_cfg = write_config(tmp_path / "ref.yaml", data, paths={"fae_run": str(tmp_path / "ref"),

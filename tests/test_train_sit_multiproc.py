@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
 from fae_pipe.models.registry import create_model
 from fae_pipe.training.logs import parameter_checksum
 from test_sharded_loader import make_latent_store
+
+pytestmark = pytest.mark.slow  # real subprocess runs: minutes, not seconds
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIG = REPO / "configs" / "accelerate" / "cpu_2proc.yaml"

@@ -9,8 +9,15 @@ import torch
 from fae_pipe.artifacts import seeded_generator
 from fae_pipe.config import load_config
 from fae_pipe.errors import UserError
-from fae_pipe.training.checkpoint import (capture_rng, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                          resolve_resume, restore_rng, save_checkpoint)
+from fae_pipe.training.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    restore_rng,
+    save_checkpoint,
+)
 from fae_pipe.training.ema import EMA
 from fae_pipe.training.logs import StepLog
 from fae_pipe.training.schedule import lr_factor
@@ -172,3 +179,22 @@ def test_trackers_tensorboard_none_and_missing(tmp_path, capsys):
     assert not run.tracking and not (tmp_path / "none" / "run" / "tensorboard").exists()
     assert available_tracker("aim", "train-x") is None  # aim is not installed here
     assert "train.log_with = 'aim' but the aim package is not installed" in capsys.readouterr().out
+
+
+def test_every_stage_resumes_a_checkpoint_without_ema_the_same_way(tmp_path, capsys):
+    """EMA turned on at resume: it starts from the resumed weights, with a note (was: crash / error / silent)."""
+    run, model = tiny_trainer(tmp_path, steps=2, log_every=1, checkpoint_every=2)
+    for _ in run.steps():
+        loss = model(torch.ones(2, 3)).pow(2).mean()
+        run.backward(loss)
+        run.update("model", loss)
+        run.log(loss=loss)
+    trained = model.weight.detach().clone()
+    sets = {"paths.sit_run": str(tmp_path / "run"), "paths.metrics": str(tmp_path / "m"), "sit.train.batch_size": 2,
+            "sit.train.precision": "fp32", "sit.train.log_with": "none", "sit.train.ema_decay": 0.5,
+            "sit.train.steps": 4}
+    resumed = Trainer("train-x", load_config(None, sets), "sit", tmp_path / "run", "latest", log_fields=["loss"])
+    torch.manual_seed(1)
+    resumed.prepare({"model": torch.nn.Linear(3, 1)})
+    assert resumed.start == 2 and torch.equal(resumed.ema.model.weight, trained)
+    assert "the checkpoint has no EMA weights; the EMA starts from the resumed weights" in capsys.readouterr().err

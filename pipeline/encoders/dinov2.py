@@ -31,11 +31,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from torch import nn
 
 from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.device import pick_device
 from fae_pipe.errors import UserError
-from torch import nn
 
 log = logging.getLogger(__name__)
 

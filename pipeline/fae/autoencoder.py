@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fae_pipe.artifacts import atomic_torch_save, load_payload
 from fae_pipe.cache.latent_stats import LatentStats
@@ -31,7 +32,6 @@ from fae_pipe.errors import UserError
 from fae_pipe.models.fae_encoder import DiagonalGaussian
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.models.registry import create_model
-from torch import nn
 
 FAE_FORMAT = "fae-pipe/fae-v1"
 DECODER_FORMAT = "fae-pipe/pixel-decoder-v1"

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fae_pipe.artifacts import atomic_write
 from fae_pipe.cache import schema
 from fae_pipe.data.index import read_index
 from fae_pipe.data.transforms import ImageDecodeError, load_pixels
 from fae_pipe.errors import UserError
-from PIL import Image
 
 
 def open_feature_store(path: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from fae_pipe.errors import UserError
 
 ADAPTIVE_WEIGHT_MAX = 1e4  # VQGAN's clamp: a vanishing GAN gradient must not explode the weight

@@ -3,6 +3,7 @@
 - ``StepLog``: one CSV row per logged step, kept open (line-buffered) for the
   whole run; on resume, rows after the resume step are dropped, so the CSV of an
   interrupted-then-resumed run equals that of an uninterrupted one. DVC plots it.
+- ``LogWindow``: what a row averages, held on the device between rows.
 - Trackers: TensorBoard (default), W&B, MLflow or Aim through Accelerate's
   ``log_with``, when the package is installed; otherwise a note and the CSV only.
 - Rank records: every rank writes what it saw and a checksum of its weights
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import time
 from pathlib import Path
 
 import torch
@@ -47,6 +49,58 @@ class StepLog:
 
     def close(self) -> None:
         self._fh.close()
+
+
+class LogWindow:
+    """The steps since the last log row, kept on the device until the row is due.
+
+    Tensors are summed on the device and averaged when the window closes; plain
+    numbers (epoch, ...) keep their last value. The first non-finite step of the
+    window is remembered on the device too (``flag``), so nothing here syncs with the
+    host until ``close``: one gather of every value for all ranks.
+    """
+
+    def __init__(self, device, start_step: int):
+        self.device = device
+        self._bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._bad_loss = torch.zeros((), device=device)
+        self._reset(start_step)
+
+    def _reset(self, step: int) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.last: dict = {}
+        self.start, self.t0 = step, time.perf_counter()
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float()
+                self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+                self.counts[k] = self.counts.get(k, 0) + 1
+            elif v is not None:
+                self.last[k] = v
+
+    def flag(self, bad: torch.Tensor, loss: torch.Tensor, step: int) -> None:
+        """Remember ``step`` (1-based) and its loss if ``bad`` and it is the first bad one."""
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, step, self._bad_step)
+        self._bad_loss = torch.where(first, loss, self._bad_loss)
+
+    def pending(self) -> bool:
+        return bool(self.sums or self.last)
+
+    def close(self, step: int, gather=None) -> tuple[dict, tuple[int, float] | None, int, float]:
+        """(row of window means, first (step, loss) that was non-finite on any rank or None, steps, seconds)."""
+        keys = sorted(self.sums)
+        packed = torch.stack([self.sums[k] / self.counts[k] for k in keys]
+                             + [self._bad_step.float(), self._bad_loss]).reshape(1, -1)
+        ranks = (gather(packed) if gather is not None else packed).tolist()  # (world, K + 2)
+        row = dict(self.last, **{k: sum(r[i] for r in ranks) / len(ranks) for i, k in enumerate(keys)})
+        bad = min(((int(r[-2]), r[-1]) for r in ranks if r[-2] >= 0), default=None)
+        steps, seconds = step - self.start, time.perf_counter() - self.t0
+        self._reset(step)
+        return row, bad, steps, seconds
 
 
 def _write_rows(path: Path, rows: list) -> None:

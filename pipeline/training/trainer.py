@@ -38,31 +38,16 @@ from typing import Callable, Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from tqdm import tqdm
 
 from fae_pipe.artifacts import seeded_generator
 from fae_pipe.errors import UserError
-from fae_pipe.training.checkpoint import (
-    capture_rng,
-    check_finite_weights,
-    clear_checkpoints,
-    last_good,
-    load_checkpoint,
-    resolve_resume,
-    restore_rng,
-    save_checkpoint,
-)
+from fae_pipe.training.checkpoint import (capture_rng, check_finite_weights, clear_checkpoints, last_good,
+                                          load_checkpoint, resolve_resume, restore_rng, save_checkpoint)
 from fae_pipe.training.ema import EMA
-from fae_pipe.training.logs import (
-    StepLog,
-    available_tracker,
-    clear_rank_records,
-    final_loss,
-    tracker_config,
-    write_metrics,
-    write_rank_record,
-)
+from fae_pipe.training.logs import (LogWindow, StepLog, available_tracker, clear_rank_records, final_loss,
+                                    tracker_config, write_metrics, write_rank_record)
 from fae_pipe.training.schedule import make_scheduler
-from tqdm import tqdm
 
 
 def make_accelerator(precision: str, grad_accum: int, key: str, log_with: str | None = None,
@@ -223,12 +208,7 @@ class Trainer:
             project = "tensorboard" if self.t.log_with == "tensorboard" else f"fae-pipe-{self.stage}"
             self.accelerator.init_trackers(project, config=tracker_config(section, self.section))
         self.accelerator.wait_for_everyone()
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
-        self._last: dict = {}
-        self._bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        self._bad_loss = torch.zeros((), device=self.device)
-        self._window = (self.start, time.perf_counter())
+        self.window = LogWindow(self.device, self.start)
 
     # ---- the step ------------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
@@ -248,9 +228,7 @@ class Trainer:
         norm = self.accelerator.clip_grad_norm_(model.parameters(), clip)
         loss = loss.detach().float()
         bad = ~(torch.isfinite(loss) & torch.isfinite(torch.as_tensor(norm, device=self.device)))
-        first = bad & (self._bad_step < 0)
-        self._bad_step = torch.where(first, self.step_count + 1, self._bad_step)
-        self._bad_loss = torch.where(first, loss, self._bad_loss)
+        self.window.flag(bad, loss, self.step_count + 1)
         inner = getattr(opt, "optimizer", opt)  # the torch optimizer inside Accelerate's wrapper
         inner.found_inf, inner.grad_scale = bad.float(), None
         try:
@@ -267,13 +245,7 @@ class Trainer:
     def log(self, **values) -> None:
         """Add this step's values to the log window: tensors are averaged over it on the device,
         plain numbers (epoch, ...) keep their last value; None means absent this step."""
-        for k, v in values.items():
-            if isinstance(v, torch.Tensor):
-                v = v.detach().float()
-                self._sums[k] = self._sums[k] + v if k in self._sums else v.clone()
-                self._counts[k] = self._counts.get(k, 0) + 1
-            elif v is not None:
-                self._last[k] = v
+        self.window.add(**values)
 
     def steps(self, evaluate: Callable[[], dict] | None = None) -> Iterator[int]:
         """Yield the 0-based steps still to run; around each: progress, evaluation, log windows, checkpoints."""
@@ -308,27 +280,16 @@ class Trainer:
 
     def _flush(self, done: int) -> dict:
         """End a log window: one reduction (and host sync) for every value, the finiteness check, one CSV row."""
-        keys = sorted(self._sums)
-        packed = torch.stack([self._sums[k] / self._counts[k] for k in keys]
-                             + [self._bad_step.float(), self._bad_loss]).reshape(1, -1)
-        if self.world > 1:
-            packed = self.accelerator.gather(packed)  # (world, K + 2): one collective per window
-        ranks = packed.tolist()
-        values = [sum(r[i] for r in ranks) / len(ranks) for i in range(len(keys))]
-        bad = sorted((int(r[-2]), r[-1]) for r in ranks if r[-2] >= 0)
-        if bad:
-            raise UserError(f"{self.stage}: non-finite loss ({bad[0][1]}) at step {bad[0][0]}; training stopped, "
+        row, bad, steps, seconds = self.window.close(done, self.accelerator.gather if self.world > 1 else None)
+        if bad is not None:
+            raise UserError(f"{self.stage}: non-finite loss ({bad[1]}) at step {bad[0]}; training stopped, "
                             f"{last_good(self.run_dir)}")
-        row = dict(self._last, **dict(zip(keys, values)))
-        steps = done - self._window[0]
-        now = time.perf_counter()
-        rate = self.t.batch_size * steps / max(now - self._window[1], 1e-9) if steps else None
+        rate = self.t.batch_size * steps / max(seconds, 1e-9) if steps else None
         row.update(lr=float(self.scheduler.get_last_lr()[0]), samples_per_s=rate)  # CSV: if a log field
         if self.main:
             self.log_csv.log(done, **row)
         if self.tracking:
             self.accelerator.log({k: v for k, v in row.items() if v is not None}, step=done)
-        self._sums, self._counts, self._last, self._window = {}, {}, {}, (done, now)
         return row
 
     # ---- saving --------------------------------------------------------------------------------------------
@@ -341,7 +302,7 @@ class Trainer:
 
     def save(self, step: int) -> None:
         """Check every module is finite, then write the checkpoint of ``step`` (main process only)."""
-        if self._sums or self._last:
+        if self.window.pending():
             self._flush(step)
         raw = {n: self.accelerator.unwrap_model(m) for n, m in self.models.items()}
         for module in [*raw.values(), *([self.ema.model] if self.ema else [])]:
