@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from fae_pipe.cache.shard_reader import ShardReader
+from fae_pipe.cache.shard_reader import ShardReader, damaged, store_read_error  # noqa: F401 (re-exported)
 from fae_pipe.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -80,7 +80,7 @@ A_CHANNEL_MEAN = "channel_mean"
 A_CHANNEL_STD = "channel_std"
 # latent stores only (written by ``encode``)
 A_CHANNEL_STATS_COUNT = "channel_stats_count"  # samples x views x positions behind the statistics
-A_FAE_FINGERPRINT = "fae_fingerprint"  # sha256 of the fae.pt that made the latents
+A_FAE_FINGERPRINT = "fae_fingerprint"  # sha256 of the FAE export that made the latents
 A_FAE_MODELS = "fae_models"  # registry names of the FAE parts
 A_SOURCE_FEATURES = "source_features"  # {"path", "config_hash"} of the feature store encoded
 A_LATENT_VALUES = "latent_values"  # a note saying what the stored values are
@@ -235,6 +235,31 @@ def read_shard(group: zarr.Group, array_name: str, shard_index: int) -> np.ndarr
     if not 0 <= shard_index < num_shards(n, size):
         raise IndexError(f"shard {shard_index} out of range: the store has {num_shards(n, size)} shards")
     return ShardReader(group[array_name]).read(shard_index)
+
+
+def read_array(group: zarr.Group, array_name: str, rows=None) -> np.ndarray:
+    """A whole (small, per-sample) array such as ``labels`` or ``valid``, read shard by shard
+    (each shard checked: a damaged one is the one-line ``damaged`` error, never zeros);
+    ``rows`` selects samples afterwards."""
+    reader = ShardReader(group[array_name])
+    n = reader.num_samples
+    out = np.empty((n, *reader.row_shape), reader.dtype)
+    for s in range(num_shards(n, reader.rows) if n else 0):
+        lo, hi = reader.bounds(s)
+        reader.read_into(s, out[lo:hi])
+    return out if rows is None else out[np.asarray(rows, np.int64)]
+
+
+def read_rows(group: zarr.Group, array_name: str, rows, *rest) -> np.ndarray:
+    """``group[array_name].oindex[rows, *rest]`` with the shards it touches checked first and
+    any read error turned into the one-line ``damaged`` error."""
+    arr = group[array_name]
+    rows = np.asarray(rows, np.int64)
+    reader = ShardReader(arr)
+    for s in np.unique(rows // reader.rows).tolist():
+        reader.check(int(s))
+    with store_read_error(arr):
+        return np.asarray(arr.oindex[(rows, *rest)])
 
 
 def shard_file(store_path, group: zarr.Group, array_name: str, shard_index: int) -> Path:

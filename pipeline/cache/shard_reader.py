@@ -11,12 +11,22 @@ where the C-order layout says) before trusting the bytes, and can also memory-ma
 the shard so a reader pays only for the rows it touches; anything else, such as a
 compressed or remote store, an empty chunk or a reordered shard, is read through
 zarr instead, so the result is always what ``array[lo:hi]`` returns.
+
+Damage is never silent and never raw: every shard is checked before it is used (the
+file must exist, since shards are written even when empty; its index must pass its
+CRC32C and every inner chunk must lie inside the file), so a missing or truncated
+shard is found before it is memory-mapped (no SIGBUS), and any error zarr or the OS
+raises while reading is turned by ``store_read_error`` into one ``UserError`` naming
+the store, the array, the shard and what to run. Flipped bytes inside the data part
+of an uncompressed shard cannot be detected (the inner chunks carry no checksum;
+``fae-pipe verify`` checks the values).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import google_crc32c
@@ -25,6 +35,41 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
+
+from fae_pipe.errors import UserError
+
+# which command re-creates a store holding this array (labels/ids/valid are in both kinds)
+_MADE_BY = {"features": "extract", "cls": "extract", "latents": "encode", "std": "encode"}
+
+
+def damaged(store, array: str, shard: int | None, reason: str) -> UserError:
+    """The one line for a damaged store: names the store, the shard and what to run."""
+    made_by = _MADE_BY.get(array)
+    redo = (f"`fae-pipe {made_by} --overwrite`" if made_by else
+            "`fae-pipe extract --overwrite` (features) or `fae-pipe encode --overwrite` (latents)")
+    where = f"shard {shard} of '{array}'" if shard is not None else f"array '{array}'"
+    reason = " ".join(str(reason).split())[:200]
+    return UserError(f"{store}: {where} is damaged ({reason}); run `fae-pipe verify {store}`, "
+                     f"then re-create it with {redo}")
+
+
+def _store_root(array: zarr.Array):
+    root = getattr(array.store, "root", None)
+    return Path(root) if root is not None else array.store
+
+
+@contextmanager
+def store_read_error(array: zarr.Array, shard: int | None = None):
+    """Turn any error zarr, numcodecs or the OS raises while reading ``array`` into ``damaged(...)``."""
+    try:
+        yield
+    except UserError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - checksum, decode, short read, I/O: all the same user problem
+        raise damaged(_store_root(array), array.basename or array.path, shard,
+                      f"{type(e).__name__}: {e}") from None
 
 
 class ShardReader:
@@ -45,7 +90,9 @@ class ShardReader:
         self.direct_reads = self.zarr_reads = 0
         self.not_direct = self._layout_problem(array)
         self.direct = self.not_direct is None
-        self._root = Path(array.store.root) / array.path if self.direct else None
+        self._root = Path(array.store.root) / array.path if isinstance(array.store, LocalStore) else None
+        self._index_checked = (self._root is not None and array.shards is not None
+                               and self._index_layout(array) is not None)
         if self.direct:
             self.chunk_rows = int(array.chunks[0])
             self.chunks_per_shard = self.rows // self.chunk_rows
@@ -79,6 +126,75 @@ class ShardReader:
             return f"shards {array.shards} / chunks {array.chunks} split more than the sample axis"
         return None
 
+    def _index_layout(self, array: zarr.Array) -> int | None:
+        """Inner chunks per shard when the shard index is BytesCodec + CRC32C at the end (checkable), else None."""
+        codecs = array.metadata.codecs
+        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+            return None
+        sharding = codecs[0]
+        if ([type(c) for c in sharding.index_codecs] != [BytesCodec, Crc32cCodec]
+                or sharding.index_location != ShardingCodecIndexLocation.end):
+            return None
+        return int(np.prod([s // c for s, c in zip(array.shards, array.chunks)]))
+
+    def _damaged(self, shard_index: int, reason: str) -> UserError:
+        return damaged(_store_root(self.array), self.array.basename or self.array.path, shard_index, reason)
+
+    def check(self, shard_index: int) -> None:
+        """Raise the one-line ``damaged`` error unless shard ``shard_index``'s file is whole.
+
+        Whole: present (shards are written even when empty), its index passes its
+        CRC32C and every stored inner chunk lies inside the file before the index.
+        Local sharded stores only (others are left to zarr, under ``store_read_error``).
+        """
+        if self._root is None or self.array.shards is None:
+            return
+        path = self._shard_path(shard_index)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                self._checked_index(f, shard_index, path)
+        except FileNotFoundError:
+            self._missing(shard_index, path)
+        except OSError as e:
+            raise self._damaged(shard_index, f"cannot read {path}: {e.strerror or e}") from None
+
+    def _missing(self, shard_index: int, path: Path) -> None:
+        """A missing shard file: damage in a store marked complete (shards are written even
+        when all-zero, ``write_empty_chunks``); elsewhere zarr serves the fill value."""
+        if self._store_complete():
+            raise self._damaged(shard_index, f"shard file {path.relative_to(self._root.parent)} is missing")
+
+    def _store_complete(self) -> bool:
+        import json
+
+        try:
+            meta = json.loads((Path(self.array.store.root) / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return (meta.get("attributes") or {}).get("complete") is True
+
+    def _checked_index(self, f, shard_index: int, path: Path) -> bytes | None:
+        """The shard's index bytes after checking them (None when this layout's index cannot be checked)."""
+        if not self._index_checked:
+            return None
+        n_chunks = self._index_layout(self.array)
+        index_nbytes = 16 * n_chunks + 4
+        size = os.fstat(f.fileno()).st_size
+        if size < index_nbytes:
+            raise self._damaged(shard_index, f"shard file {path.name} is truncated: {size} bytes, "
+                                             f"smaller than its {index_nbytes}-byte index")
+        f.seek(size - index_nbytes)
+        index = f.read(index_nbytes)
+        if len(index) != index_nbytes or index[-4:] != np.uint32(google_crc32c.value(index[:-4])).tobytes():
+            raise self._damaged(shard_index, f"shard file {path.name} is truncated or corrupt: "
+                                             "its index fails its CRC32C checksum")
+        table = np.frombuffer(index, "<u8", count=2 * n_chunks).reshape(-1, 2)
+        stored = table[table[:, 0] != np.uint64(2**64 - 1)]  # all-ones: an empty inner chunk
+        if stored.size and int((stored[:, 0] + stored[:, 1]).max()) > size - index_nbytes:
+            raise self._damaged(shard_index, f"shard file {path.name} is truncated: {size} bytes, its index "
+                                             f"refers to {int((stored[:, 0] + stored[:, 1]).max()) + index_nbytes}")
+        return index
+
     def bounds(self, shard_index: int) -> tuple[int, int]:
         lo = shard_index * self.rows
         return lo, min(self.num_samples, lo + self.rows)
@@ -91,7 +207,9 @@ class ShardReader:
         if self.direct and self._read_direct(shard_index, hi - lo, out):
             self.direct_reads += 1
             return
-        out[...] = self.array[lo:hi]
+        self.check(shard_index)
+        with store_read_error(self.array, shard_index):
+            out[...] = self.array[lo:hi]
         self.zarr_reads += 1
 
     def read(self, shard_index: int) -> np.ndarray:
@@ -112,13 +230,17 @@ class ShardReader:
         if not self.direct:
             return None
         lo, hi = self.bounds(shard_index)
+        path = self._shard_path(shard_index)
         try:
-            with open(self._shard_path(shard_index), "rb", buffering=0) as f:
-                if not self._layout_ok(f, hi - lo):
+            with open(path, "rb", buffering=0) as f:
+                if not self._layout_ok(f, hi - lo, shard_index, path):
                     return None
                 mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except FileNotFoundError:
+            self._missing(shard_index, path)
             return None
+        except OSError as e:
+            raise self._damaged(shard_index, f"cannot read {path}: {e.strerror or e}") from None
         if hasattr(mmap, "MADV_WILLNEED"):
             mm.madvise(mmap.MADV_WILLNEED)
         self.direct_reads += 1
@@ -129,15 +251,9 @@ class ShardReader:
         return self._root / self.array.metadata.chunk_key_encoding.encode_chunk_key(
             (shard_index,) + (0,) * len(self.row_shape))
 
-    def _layout_ok(self, f, nrows: int) -> bool:
-        """True when the shard index is intact and the first ``nrows`` rows are C-order bytes from offset 0."""
-        size = os.fstat(f.fileno()).st_size
-        if size < self.index_nbytes:
-            return False
-        f.seek(size - self.index_nbytes)
-        index = f.read(self.index_nbytes)
-        if index[-4:] != np.uint32(google_crc32c.value(index[:-4])).tobytes():
-            return False  # let zarr raise its own checksum error
+    def _layout_ok(self, f, nrows: int, shard_index: int, path: Path) -> bool:
+        """True when the first ``nrows`` rows are C-order bytes from offset 0 (a damaged shard raises)."""
+        index = self._checked_index(f, shard_index, path)
         used_chunks = -(-nrows // self.chunk_rows)
         table = np.frombuffer(index, "<u8", count=2 * self.chunks_per_shard).reshape(-1, 2)[:used_chunks]
         expected = np.arange(used_chunks, dtype=np.uint64) * np.uint64(self.chunk_nbytes)
@@ -145,12 +261,18 @@ class ShardReader:
         return bool(np.array_equal(table[:, 0], expected) and np.all(table[:, 1] == self.chunk_nbytes))
 
     def _read_direct(self, shard_index: int, nrows: int, out: np.ndarray) -> bool:
+        path = self._shard_path(shard_index)
         try:
-            with open(self._shard_path(shard_index), "rb", buffering=0) as f:
-                if not self._layout_ok(f, nrows):
+            with open(path, "rb", buffering=0) as f:
+                if not self._layout_ok(f, nrows, shard_index, path):
                     return False
                 f.seek(0)
                 view = memoryview(out.reshape(-1).view(np.uint8))
-                return f.readinto(view) == view.nbytes
+                if f.readinto(view) != view.nbytes:
+                    raise self._damaged(shard_index, f"short read from shard file {path.name}")
+                return True
         except FileNotFoundError:
-            return False  # zarr serves the fill value (or the caller's verify reports the gap)
+            self._missing(shard_index, path)
+            return False
+        except OSError as e:
+            raise self._damaged(shard_index, f"cannot read {path}: {e.strerror or e}") from None

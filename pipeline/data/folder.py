@@ -2,8 +2,12 @@
 
 Order and labels match torchvision's ``ImageFolder`` so ids and labels agree with
 the usual ImageNet tooling: classes are the sorted names of the directories in the
-root, and each class directory is walked recursively (symlinks followed) with
-directories and file names sorted. Extensions .jpg .jpeg .png .webp, any case.
+root, and each class directory is walked recursively (symlinks followed, each real
+directory once, so a symlink loop ends) with directories and file names sorted.
+Extensions .jpg .jpeg .png .webp .gif, any case (an animated GIF/WebP/PNG gives its
+first frame). A file name that is not valid UTF-8 cannot be stored in the JSON index:
+it is a failure ("file name is not valid UTF-8"), listed with its undecodable bytes
+shown as backslash escapes; a dangling symlink is a failure too.
 One deliberate difference: hidden directories (name starting with ".") are not
 classes, so editor folders and the demo writer's temporary directory never become one.
 
@@ -29,7 +33,7 @@ from fae_pipe.data.index import DatasetIndex, stratified_holdout
 from fae_pipe.data.transforms import ImageDecodeError, load_rgb
 from fae_pipe.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 CHECKS = ("header", "full")
 ON_ERROR = ("skip", "fail")
 _JPEG_TAIL = 64 * 1024
@@ -44,14 +48,45 @@ def list_classes(root: Path) -> list[str]:
 def list_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(path relative to root in posix form, label) for every image, in ImageFolder order."""
     items = []
+    seen: set[tuple[int, int]] = set()
     for label, name in enumerate(classes):
         class_dir = root / name
-        for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+        for dirpath, _, filenames in sorted(_walk_once(class_dir, seen)):
             rel_dir = Path(dirpath).relative_to(root).as_posix()
             for fname in sorted(filenames):
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
                     items.append((f"{rel_dir}/{fname}", label))
     return items
+
+
+def _walk_once(top: Path, seen: set):
+    """``os.walk(top, followlinks=True)`` entering each real directory once (a symlink loop ends)."""
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield dirpath, dirnames, filenames
+
+
+def printable(rel: str) -> str:
+    """A path as the user can read it: undecodable bytes of a non-UTF-8 name as backslash escapes."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def name_problem(path: Path) -> str | None:
+    """Why a file cannot be indexed before it is even opened (bad name, dangling symlink), or None."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (the JSON index cannot store it): rename the file"
+    if path.is_symlink() and not path.exists():
+        return f"dangling symlink (its target {printable(os.readlink(path))!r} does not exist)"
+    return None
 
 
 def check_header(path: Path) -> str | None:
@@ -96,7 +131,7 @@ def _checked(paths: list[Path], check: str, workers: int, progress: bool):
     fn = check_full if check == "full" else check_header
 
     def one(p: Path):
-        reason = fn(p)
+        reason = name_problem(p) or fn(p)
         return reason, (p.stat().st_size if reason is None else 0)
 
     bar = tqdm(total=len(paths), desc=f"checking images ({check})", unit="img",
@@ -156,10 +191,10 @@ def scan_folder(root, holdout_fraction: float, seed: int, on_error: str = "skip"
             sizes.append(size)
         elif on_error == "fail":
             results.close()
-            raise UserError(f"image '{root / rel}': {reason} (data.on_error=fail; "
+            raise UserError(f"image '{printable(str(root / rel))}': {reason} (data.on_error=fail; "
                             f"use data.on_error=skip to leave such files out)")
         else:
-            failures.append({"path": rel, "reason": reason})
+            failures.append({"path": printable(rel), "reason": reason})
     if not paths:
         raise UserError(f"data.root '{root_str}': none of its {len(items)} images could be read "
                         f"(first: {failures[0]['path']}: {failures[0]['reason']})")

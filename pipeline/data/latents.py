@@ -48,12 +48,12 @@ def read_latent_info(path, group) -> tuple[LatentStoreInfo, np.ndarray | None]:
     n, views, c, h, w = (int(v) for v in arr.shape)
     attrs = dict(group.attrs)
     stats = LatentStats.from_attrs(attrs, str(path), channels=c)
-    valid = np.asarray(group[schema.VALID][:], bool) if schema.VALID in keys else None
+    valid = np.asarray(schema.read_array(group, schema.VALID), bool) if schema.VALID in keys else None
     num_classes = attrs.get(schema.A_NUM_CLASSES)
     if num_classes is None:
         if schema.LABELS not in keys:
             raise UserError(f"{path}: no '{schema.LABELS}' array and no '{schema.A_NUM_CLASSES}' attr")
-        num_classes = int(np.max(group[schema.LABELS][:])) + 1
+        num_classes = int(np.max(schema.read_array(group, schema.LABELS))) + 1
     info = LatentStoreInfo(str(path), (c, h, w), views, n, int(num_classes), stats)
     return info, valid
 
@@ -67,7 +67,7 @@ class LatentBatches:
 
     def __init__(self, path, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  memory_budget_bytes: int = 8 << 30, shuffle_buffer: int = 8):
-        self.info, valid = read_latent_info(path, schema.open_group(path))
+        self.info, valid = read_latent_info(path, schema.open_store(path)[0])
         self.loader = ShardedLoader(path, [schema.LATENTS], batch_size, seed, rank=rank, world_size=world_size,
                                     memory_budget_bytes=memory_budget_bytes, shuffle_buffer=shuffle_buffer,
                                     sample_mask=valid)

@@ -39,7 +39,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from fae_pipe.cache.schema import LABELS, SAMPLE_IDS, open_group
+from fae_pipe.cache.schema import LABELS, SAMPLE_IDS, open_group, read_array
 from fae_pipe.cache.shard_reader import ShardReader
 from fae_pipe.errors import UserError
 
@@ -283,8 +283,8 @@ class ShardedLoader:
         keys = set(self.group.array_keys())
         if LABELS not in keys:
             raise UserError(f"{self.store_path}: no '{LABELS}' array; a training store needs one int label per sample")
-        labels = np.asarray(self.group[LABELS][:], np.int64)
-        ids = (np.asarray(self.group[SAMPLE_IDS][:], np.int64) if SAMPLE_IDS in keys
+        labels = np.asarray(read_array(self.group, LABELS), np.int64)
+        ids = (np.asarray(read_array(self.group, SAMPLE_IDS), np.int64) if SAMPLE_IDS in keys
                else np.arange(self.num_samples, dtype=np.int64))
         if labels.shape != (self.num_samples,) or ids.shape != (self.num_samples,):
             raise UserError(f"{self.store_path}: '{LABELS}'/'{SAMPLE_IDS}' must have shape ({self.num_samples},)")

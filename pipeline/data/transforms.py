@@ -13,7 +13,14 @@ Choices where the usual references are silent (all deterministic, no randomness)
   transparent pixels happen to store.
 * 16-bit greyscale (``I;16*``, and ``I`` with values above 255) keeps the top 8 bits;
   Pillow's own conversion clips everything above 255 to white.
-* EXIF orientation is ignored, like torchvision's ImageFolder loader and the ADM crop.
+* EXIF orientation is applied (``ImageOps.exif_transpose``): a phone photo stored
+  sideways with an orientation tag is used upright, as every viewer shows it
+  (torchvision's ImageFolder loader ignores the tag).
+* CMYK (and other non-RGB modes) go through Pillow's conversion; an animated GIF,
+  WebP or PNG gives its first frame.
+* An image above Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``, about
+  179 M pixels at twice the default) is a failure "image too large", handled by
+  ``data.on_error`` like any unreadable file; it is never decoded.
 * Truncated files are errors: ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set.
 * ``encoder_input`` resizes each cropped view with Pillow BICUBIC to the encoder size.
   Pillow's bicubic kernel is mirror-symmetric: resizing the flipped crop equals
@@ -33,7 +40,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fae_pipe.errors import UserError
 
@@ -81,20 +88,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (a copy when it rotates; the image itself otherwise)."""
+    try:
+        if img.getexif().get(0x0112, 1) == 1:
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: keep the pixels as stored
+        return img
+
+
 def load_rgb(path) -> Image.Image:
     """Fully decode ``path`` to an RGB image or raise ``ImageDecodeError`` with a reason."""
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as e:
+        if path.is_symlink():
+            raise ImageDecodeError(path, f"dangling symlink: {e.strerror or e}") from None
         raise ImageDecodeError(path, f"unreadable: {e.strerror or e}") from None
     if size == 0:
         raise ImageDecodeError(path, "zero-byte file")
     try:
         with Image.open(path) as img:
+            img.seek(0)  # animated: the first frame
             img.load()
             try:
-                return to_rgb(img)
+                return to_rgb(_upright(img))
             except ValueError as e:
                 raise ImageDecodeError(path, f"unsupported image mode {img.mode}: {e}") from None
     except UnidentifiedImageError:

@@ -61,8 +61,8 @@ def feature_split(group, index_path: str, store_path: str = "") -> Split:
     if stored is not None and stored != index.fingerprint:
         raise UserError(f"feature store {store_path} was extracted from another dataset than index {index_path} "
                         "(dataset fingerprints differ): re-run `fae-pipe extract` or point paths.index at its index")
-    ids = np.asarray(group[schema.SAMPLE_IDS][:], np.int64)
-    valid = np.asarray(group[schema.VALID][:], bool)
+    ids = np.asarray(schema.read_array(group, schema.SAMPLE_IDS), np.int64)
+    valid = np.asarray(schema.read_array(group, schema.VALID), bool)
     if ids.size and (ids.min() < 0 or ids.max() >= len(index)):
         raise UserError(f"feature store {store_path} has sample ids outside index {index_path} "
                         f"(0..{len(index) - 1}): re-run `fae-pipe extract`")
@@ -77,7 +77,7 @@ def read_rows(group, name: str, rows: np.ndarray) -> np.ndarray:
     """Rows ``rows`` (sorted store indices) of a per-sample array, all views."""
     if rows.size == 0:
         return np.zeros((0, *group[name].shape[1:]), group[name].dtype)
-    return np.asarray(group[name].oindex[np.asarray(rows, np.int64)])
+    return schema.read_rows(group, name, rows)
 
 
 def load_view(index, sample_id: int, image_size: int, view_names, view: int) -> np.ndarray:

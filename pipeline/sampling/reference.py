@@ -46,7 +46,7 @@ def read_view(group, name: str, rows: np.ndarray, view: int, dtype=np.float32) -
     out = np.zeros((len(rows), *arr.shape[2:]), dtype)
     for lo in range(0, len(rows), READ_BLOCK):
         block = np.asarray(rows[lo:lo + READ_BLOCK], np.int64)
-        out[lo:lo + len(block)] = np.asarray(arr.oindex[block, view], dtype)
+        out[lo:lo + len(block)] = np.asarray(schema.read_rows(group, name, block, view), dtype)
     return out
 
 

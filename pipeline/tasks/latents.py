@@ -53,8 +53,10 @@ class EncodeTask:
 
         from fae_pipe.fae.autoencoder import tokens_to_grid
 
-        feats = self.group[schema.FEATURES][start:stop]  # (n, V, N, D) float16, one whole shard
-        valid = np.asarray(self.group[schema.VALID][start:stop], dtype=bool)
+        # one whole shard each (same shard_samples as the latent store); a damaged one is one line
+        feats = schema.read_shard(self.group, schema.FEATURES, shard_index)  # (n, V, N, D) float16
+        valid = np.asarray(schema.read_shard(self.group, schema.VALID, shard_index), dtype=bool)
+        assert feats.shape[0] == stop - start, (shard_index, start, stop, feats.shape)
         n, views = feats.shape[0], feats.shape[1]
         c, (h, w) = self.fae.latent_channels, self.fae.grid
         means = np.zeros((n, views, c, h, w), np.float16)
