@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,21 +29,61 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], fsync: bool = 
     The temp name (``.<name>.<pid>.tmp``) carries the pid so two processes never
     share one, and ends in ``.tmp`` so stray-file cleanup finds it; ``write`` must
     not rely on the file extension (pass formats explicitly). A failed ``write``
-    removes its temp file and re-raises.
+    removes its temp file and re-raises; ``path`` is untouched (a full disk, a
+    read-only or unwritable directory become the one-line ``disk_write_error``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        friendly = disk_write_error(path, e)  # before the temp file goes: a full disk is still full
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # e.g. a read-only directory never held it
+        if friendly is not None:
+            raise friendly from None
         raise
     return path
+
+
+# errno -> what the user reads; these are the write failures a user fixes (space, mounts, permissions)
+_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+
+
+def _nearly_full(directory: Path, margin: int = 1 << 20) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin
+
+
+def disk_write_error(path, exc: BaseException) -> UserError | None:
+    """The one-line error for a write that failed on a full disk, a read-only file system or
+    missing permissions (None for any other exception); names the path and what to do."""
+    seen, cur = [], exc
+    while isinstance(cur, BaseException) and cur not in seen:  # e.g. torch.save raises while handling an OSError
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    exc = next((x for x in seen if isinstance(x, OSError) and x.errno in _DISK_ERRORS), exc)
+    if not isinstance(exc, OSError) and isinstance(exc, Exception) and _nearly_full(Path(path).parent):
+        # writers in C (torch's zip writer, some codecs) lose the errno of a full disk
+        exc = OSError(errno.ENOSPC, f"{type(exc).__name__}: {exc}")
+    if not isinstance(exc, OSError) or exc.errno not in _DISK_ERRORS:
+        return None
+    fix = ("free some space and run the same command again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "make it writable (or point the path elsewhere) and run the same command again")
+    return UserError(f"cannot write {path}: {_DISK_ERRORS[exc.errno]}; {fix} "
+                     "(finished parts are kept, unfinished ones are redone)")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -58,7 +99,11 @@ def atomic_torch_save(obj, path: str | Path, fsync: bool = False) -> Path:
     """``torch.save`` through a temp file (checkpoints pass ``fsync`` so a power cut keeps them)."""
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=fsync)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # through a Python file, so a full disk surfaces as OSError(ENOSPC)
+            torch.save(obj, fh)
+
+    return atomic_write(path, write, fsync=fsync)
 
 
 def load_payload(path: str | Path, fmt: str | None, made_by: str, what: str = "") -> dict:

@@ -261,11 +261,22 @@ def show_config(config_file, sets):
     click.echo(C.dump_config(C.load_config(config_file, C.parse_sets(sets))), nl=False)
 
 
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - closing is cosmetic
+            pass
+
+
 def main(argv=None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
         cli.main(args=argv, prog_name="fae-pipe", standalone_mode=False)
     except UserError as e:
+        _close_progress_bars()  # a bar left open by the failing stage would share the error's line
         click.echo(f"fae-pipe: error: {e}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:

@@ -103,7 +103,7 @@ def reconstruction(cfg: Config, group, encoder, view: tuple[int, str], inception
     fae = FeatureAutoencoder.load(Path(paths.fae_run) / "fae.pt", Path(paths.decoder_run) / "decoder.pt",
                                   device=device, attention=cfg.runtime.attention)
     index = read_index(paths.index)
-    ids = np.asarray(group[schema.SAMPLE_IDS].oindex[rows])
+    ids = schema.read_array(group, schema.SAMPLE_IDS, rows)
     recon = []
     for lo in range(0, len(rows), ev.batch_size):
         feats = torch.from_numpy(read_view(group, schema.FEATURES, rows[lo:lo + ev.batch_size], view[0]))
@@ -150,7 +150,7 @@ def run(cfg: Config) -> dict:
         raise UserError(f"encoder weights {enc.weights_fingerprint[:23]} differ from the "
                         f"{str(rec.get('weights_fingerprint'))[:23]} that made {paths.features}")
     view = reference_view(group)
-    ref_rows = spread_rows(np.asarray(group[schema.VALID][:], bool), ev.max_reference)
+    ref_rows = spread_rows(np.asarray(schema.read_array(group, schema.VALID), bool), ev.max_reference)
     ref = read_view(group, schema.CLS, ref_rows, view[0])
     gen = encoder_cls(enc, images, ev.batch_size)
     result = {"num_generated": int(len(images)), "num_reference": int(len(ref_rows)), "reference_view": view[1],
@@ -166,7 +166,7 @@ def run(cfg: Config) -> dict:
     else:
         from fae_pipe.data.index import read_index
 
-        ids = np.asarray(group[schema.SAMPLE_IDS].oindex[ref_rows])
+        ids = schema.read_array(group, schema.SAMPLE_IDS, ref_rows)
         result.update(inception_generation(inception, images, read_index(paths.index), ids, size, view[1], ev,
                                            cfg.data.decode_workers))
     result["reconstruction"] = reconstruction(cfg, group, enc, view, inception, device)

@@ -56,8 +56,8 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     device = pick_device("auto")
     group = open_feature_store(paths.features)
-    rows = spread_rows(np.asarray(group[schema.VALID][:], bool), p.max_samples, p.seed)
-    labels = np.asarray(group[schema.LABELS].oindex[rows], np.int64)
+    rows = spread_rows(np.asarray(schema.read_array(group, schema.VALID), bool), p.max_samples, p.seed)
+    labels = np.asarray(schema.read_array(group, schema.LABELS, rows), np.int64)
     if len(np.unique(labels)) < 2:
         raise UserError(f"{paths.features}: the probe needs samples of at least 2 classes; found "
                         f"{len(np.unique(labels))} among {len(rows)} valid samples")

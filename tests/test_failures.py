@@ -234,3 +234,118 @@ def test_on_error_fail_names_the_file_in_one_line(tmp_path, capsys, low_pixel_li
     code, _, err = run_cli(capsys, "prepare", "--config", str(odd_config(tmp_path, "full", "fail")))
     line = one_line(code, err)
     assert "b/bad\\xff name.png" in line and "not valid UTF-8" in line and "data.on_error=fail" in line, line
+
+
+# ---- a full disk, a read-only directory ---------------------------------------------
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount(size) -> a fresh tmpfs of ``size`` bytes under tmp_path (root only; skipped when not permitted)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: int, name: str = "fs", ro: bool = False) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    def remount(d: Path, opts: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{opts}", str(d)], check=True)
+
+    mount.remount = remount
+    yield mount
+    for d in reversed(mounted):
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_atomic_write_on_a_full_disk_is_one_line_and_leaves_the_target(small_fs):
+    import torch
+
+    d = small_fs(64 << 10)
+    target = d / "ckpt.pt"
+    target.write_text("old and whole")
+    for write in (lambda: artifacts.atomic_write_text(target, "x" * (1 << 20)),
+                  lambda: artifacts.atomic_torch_save({"w": torch.zeros(1 << 18)}, target)):
+        with pytest.raises(UserError) as e:
+            write()
+        msg = str(e.value)
+        assert msg.startswith(f"cannot write {target}: no space left on device; free some space") and "\n" not in msg
+        assert target.read_text() == "old and whole" and sorted(p.name for p in d.iterdir()) == ["ckpt.pt"]
+
+
+def test_atomic_write_on_a_read_only_directory_is_one_line(small_fs):
+    d = small_fs(64 << 10, ro=True)
+    with pytest.raises(UserError, match=rf"cannot write {d}/sub/x.json: read-only file system; make it writable"):
+        artifacts.atomic_write_json(d / "sub" / "x.json", {"a": 1})
+    with pytest.raises(UserError, match=rf"cannot write {d}/x.json: read-only file system"):
+        artifacts.atomic_write_json(d / "x.json", {"a": 1})
+
+
+def test_prepare_onto_a_read_only_directory_is_one_line(tmp_path, small_fs, capsys):
+    from helpers_extract import write_config
+
+    ro = small_fs(64 << 10, "ro", ro=True)
+    cfg = write_config(tmp_path, paths={"index": str(ro / "index.json"), "features": "cache/features.zarr"},
+                       data={"root": str(tmp_path / "demo")})
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code, _, err = run_cli(capsys, "prepare", "--config", str(cfg))
+    finally:
+        os.chdir(cwd)
+    assert one_line(code, err) == (f"fae-pipe: error: cannot write {ro / 'index.json'}: read-only file system; make it "
+                                   "writable (or point the path elsewhere) and run the same command again (finished "
+                                   "parts are kept, unfinished ones are redone)")
+
+
+def test_extract_on_a_full_disk_stops_in_one_line_and_the_same_command_finishes(tmp_path, small_fs):
+    """A store on a real 160 KiB tmpfs: the disk fills mid-store; the shards with records are whole, the
+    one that failed has none; after the space grows the same command completes it bit-identically."""
+    from helpers_extract import assert_same_arrays, cli, one_line_error, prepare_tiny, read_arrays
+
+    prepare_tiny(tmp_path)
+    ref = cli(tmp_path, "extract", "--config", "tiny.yaml", "--shards", "1")
+    assert ref.returncode == 0, ref.stderr
+    fs = small_fs(160 << 10)
+    store = fs / "features.zarr"
+    args = ("extract", "--config", "tiny.yaml", "--shards", "1", "--set", f"paths.features={store}")
+    line = one_line_error(cli(tmp_path, *args))
+    assert line.startswith(f"fae-pipe: error: cannot write {store}/") and "no space left on device" in line, line
+    records = sorted(int(p.stem.split("-")[1]) for p in (store / ".fae/done").glob("shard-*.json"))
+    assert records == list(range(len(records))) and 0 < len(records) < 6, records
+    g = zarr.open_group(str(store), mode="r")
+    assert g.attrs.get("complete") is not True
+    small_fs.remount(fs, "size=4m")
+    again = cli(tmp_path, *args)
+    assert again.returncode == 0, again.stderr
+    assert f"{6 - len(records)} shards written, {len(records)} skipped" in again.stdout
+    assert_same_arrays(read_arrays(store), read_arrays(tmp_path / "cache/features.zarr"))
+
+
+def test_train_sit_checkpoint_on_a_full_disk_is_one_line_and_resume_finishes(tmp_path, small_fs):
+    import subprocess
+    import sys
+
+    from test_sharded_loader import make_latent_store
+    from test_train_sit import ENV, write_config
+
+    store = tmp_path / "latents.zarr"
+    make_latent_store(store, n=48)
+    fs = small_fs(64 << 10)
+    cfg = write_config(fs.parent, store, "fs/run", steps=4, checkpoint_every=2)
+    run = [sys.executable, "-m", "fae_pipe.cli", "train-sit", "--config", str(cfg)]
+    done = subprocess.run(run, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("fae-pipe: error:")]
+    assert len(errors) == 1 and f"cannot write {fs}/run/" in errors[0] and "no space left" in errors[0], done.stderr[-3000:]
+    assert not list((fs / "run").rglob("*.tmp"))
+    small_fs.remount(fs, "size=64m")
+    done = subprocess.run(run + ["--resume", "auto"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (fs / "run" / "checkpoints").is_dir() and any((fs / "run").glob("sit.*"))
