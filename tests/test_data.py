@@ -267,3 +267,68 @@ def test_encoder_input_normalises_and_resizes_deterministically():
         encoder_input(const.astype(np.float32), 28)
     digest = hashlib.sha256(encoder_input(noise(64, 64)[None], 112).numpy().tobytes()).hexdigest()
     assert digest == hashlib.sha256(encoder_input(noise(64, 64)[None], 112).numpy().tobytes()).hexdigest()
+
+
+# ---- the images users really have (issue #15) -------------------------------------------------
+
+def test_cmyk_jpeg_is_converted_to_rgb(tmp_path):
+    p = save(tmp_path / "c.jpg", Image.new("CMYK", (16, 16), (255, 0, 0, 0)), "JPEG", quality=95)  # cyan ink
+    rgb = np.asarray(load_rgb(p))
+    assert rgb.shape == (16, 16, 3) and np.abs(rgb.astype(int) - (0, 255, 255)).max() <= 3
+
+
+def test_sixteen_bit_png_keeps_its_high_byte(tmp_path):
+    p = save(tmp_path / "g.png", np.full((8, 8), 0xC0FF, np.uint16))
+    with Image.open(p) as img:
+        assert img.mode.startswith("I")
+    assert np.array_equal(np.asarray(load_rgb(p)), np.full((8, 8, 3), 0xC0, np.uint8))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: the viewer turns it 90 degrees clockwise
+    p = save(tmp_path / "e.jpg", arr, "JPEG", quality=100, exif=exif.tobytes())
+    up = np.asarray(load_rgb(p))
+    assert up.shape == (40, 20, 3)  # upright: portrait
+    assert up[:15].mean() > 200 and up[25:].mean() < 50  # the white half is now on top
+    plain = save(tmp_path / "p.jpg", arr, "JPEG", quality=100)
+    assert np.asarray(load_rgb(plain)).shape == (20, 40, 3)
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), (250, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 250))]
+    p = tmp_path / "a.gif"
+    frames[0].save(p, save_all=True, append_images=frames[1:], duration=40, loop=0)
+    rgb = np.asarray(load_rgb(p)).astype(int)
+    assert rgb[..., 0].min() > 200 and rgb[..., 2].max() < 40
+    assert ".gif" in IMAGE_EXTENSIONS
+
+
+def test_decompression_bomb_is_a_decode_error_not_a_crash(tmp_path, monkeypatch):
+    p = save(tmp_path / "big.png", np.zeros((64, 64, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageDecodeError, match="image too large"):
+        load_rgb(p)
+
+
+def test_symlinks_and_bad_names_in_a_folder_scan(tmp_path):
+    import os
+
+    root = tmp_path / "root"
+    save(root / "a" / "x.png", noise(8, 8))
+    save(root / "b" / "y.png", noise(8, 8, 1))
+    os.symlink(root / "a" / "x.png", root / "b" / "link.png")
+    os.symlink(tmp_path / "gone.png", root / "b" / "dangling.png")
+    os.symlink(root / "b", root / "b" / "loop")
+    save(Path(os.fsdecode(os.fsencode(root / "b") + b"/n\xe9.png")), noise(8, 8, 2))  # latin-1 name
+    index = scan_folder(root, 0.0, 0, on_error="skip", check="full")
+    assert index.paths == ["a/x.png", "b/link.png", "b/y.png"]
+    reasons = {f["path"]: f["reason"] for f in index.failures}
+    assert reasons.keys() == {"b/dangling.png", "b/n\\xe9.png"}
+    assert reasons["b/dangling.png"].startswith("dangling symlink") and "UTF-8" in reasons["b/n\\xe9.png"]
+    write_index(index, tmp_path / "index.json")  # the JSON index holds only valid text
+    assert read_index(tmp_path / "index.json").failures == index.failures
+    with pytest.raises(UserError, match=r"dangling\.png': dangling symlink.*data.on_error=fail"):
+        scan_folder(root, 0.0, 0, on_error="fail", check="header")
