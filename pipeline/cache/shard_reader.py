@@ -158,11 +158,18 @@ class ShardReader:
         except OSError as e:
             raise self._damaged(shard_index, f"cannot read {path}: {e.strerror or e}") from None
 
+    def _rel(self, path: Path) -> str:
+        """The shard file's path inside the store (e.g. ``latents/c/0/0/0/0/0``)."""
+        try:
+            return str(path.relative_to(Path(self.array.store.root)))
+        except ValueError:
+            return str(path)
+
     def _missing(self, shard_index: int, path: Path) -> None:
         """A missing shard file: damage in a store marked complete (shards are written even
         when all-zero, ``write_empty_chunks``); elsewhere zarr serves the fill value."""
         if self._store_complete():
-            raise self._damaged(shard_index, f"shard file {path.relative_to(self._root.parent)} is missing")
+            raise self._damaged(shard_index, f"shard file {self._rel(path)} is missing")
 
     def _store_complete(self) -> bool:
         import json
@@ -181,17 +188,17 @@ class ShardReader:
         index_nbytes = 16 * n_chunks + 4
         size = os.fstat(f.fileno()).st_size
         if size < index_nbytes:
-            raise self._damaged(shard_index, f"shard file {path.name} is truncated: {size} bytes, "
+            raise self._damaged(shard_index, f"shard file {self._rel(path)} is truncated: {size} bytes, "
                                              f"smaller than its {index_nbytes}-byte index")
         f.seek(size - index_nbytes)
         index = f.read(index_nbytes)
         if len(index) != index_nbytes or index[-4:] != np.uint32(google_crc32c.value(index[:-4])).tobytes():
-            raise self._damaged(shard_index, f"shard file {path.name} is truncated or corrupt: "
+            raise self._damaged(shard_index, f"shard file {self._rel(path)} is truncated or corrupt: "
                                              "its index fails its CRC32C checksum")
         table = np.frombuffer(index, "<u8", count=2 * n_chunks).reshape(-1, 2)
         stored = table[table[:, 0] != np.uint64(2**64 - 1)]  # all-ones: an empty inner chunk
         if stored.size and int((stored[:, 0] + stored[:, 1]).max()) > size - index_nbytes:
-            raise self._damaged(shard_index, f"shard file {path.name} is truncated: {size} bytes, its index "
+            raise self._damaged(shard_index, f"shard file {self._rel(path)} is truncated: {size} bytes, its index "
                                              f"refers to {int((stored[:, 0] + stored[:, 1]).max()) + index_nbytes}")
         return index
 
@@ -269,7 +276,7 @@ class ShardReader:
                 f.seek(0)
                 view = memoryview(out.reshape(-1).view(np.uint8))
                 if f.readinto(view) != view.nbytes:
-                    raise self._damaged(shard_index, f"short read from shard file {path.name}")
+                    raise self._damaged(shard_index, f"short read from shard file {self._rel(path)}")
                 return True
         except FileNotFoundError:
             self._missing(shard_index, path)
