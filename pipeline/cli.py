@@ -14,6 +14,7 @@ so ``train-sit`` never imports the image encoder.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from typing import NamedTuple
@@ -261,6 +262,9 @@ def show_config(config_file, sets):
     click.echo(C.dump_config(C.load_config(config_file, C.parse_sets(sets))), nl=False)
 
 
+_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def _close_progress_bars() -> None:
     from tqdm import tqdm
 
@@ -290,6 +294,14 @@ def main(argv=None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
+    except OSError as e:  # a full disk / read-only file system met by a write outside atomic_write (logs, demo)
+        if e.errno not in _FULL_OR_READ_ONLY:
+            raise
+        from fae_pipe.artifacts import disk_write_error
+
+        _close_progress_bars()
+        click.echo(f"fae-pipe: error: {disk_write_error(e.filename or 'a file (name unknown)', e)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -349,3 +349,15 @@ def test_train_sit_checkpoint_on_a_full_disk_is_one_line_and_resume_finishes(tmp
     done = subprocess.run(run + ["--resume", "auto"], env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (fs / "run" / "checkpoints").is_dir() and any((fs / "run").glob("sit.*"))
+
+
+def test_demo_images_onto_a_full_disk_is_one_line(tmp_path, small_fs, capsys):
+    """Writes outside atomic_write (the demo image writer, log appends) meet the CLI's safety net."""
+    from helpers_extract import write_config
+
+    fs = small_fs(16 << 10)
+    cfg = write_config(tmp_path, paths={"index": str(tmp_path / "index.json"), "features": "f.zarr"},
+                       data={"root": str(fs / "demo"), "demo_per_class": 40})
+    code, _, err = run_cli(capsys, "prepare", "--config", str(cfg))
+    line = one_line(code, err)
+    assert line.startswith("fae-pipe: error: cannot write ") and "no space left on device" in line, line
