@@ -9,14 +9,20 @@
   checkpoints name the files they were made from.
 - Seeds: every random stream is seeded from names (seed, rank, step, stream...),
   never from global RNG state, so a resumed or re-split run draws the same numbers.
+- One writer per directory: ``DirLock`` is the lock of every store (``<store>/.fae/lock``)
+  and every training run directory (``<run>/.lock``): an O_EXCL file naming host and
+  pid; a second writer is refused with one line naming the holder, and a lock left by
+  a dead pid on this host is taken over with a warning.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,61 +35,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], fsync: bool = 
     The temp name (``.<name>.<pid>.tmp``) carries the pid so two processes never
     share one, and ends in ``.tmp`` so stray-file cleanup finds it; ``write`` must
     not rely on the file extension (pass formats explicitly). A failed ``write``
-    removes its temp file and re-raises; ``path`` is untouched (a full disk, a
-    read-only or unwritable directory become the one-line ``disk_write_error``).
+    removes its temp file and re-raises.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         if fsync:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
-        friendly = disk_write_error(path, e)  # before the temp file goes: a full disk is still full
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # e.g. a read-only directory never held it
-        if friendly is not None:
-            raise friendly from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-# errno -> what the user reads; these are the write failures a user fixes (space, mounts, permissions)
-_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted"}
-
-
-def _nearly_full(directory: Path, margin: int = 1 << 20) -> bool:
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < margin
-
-
-def disk_write_error(path, exc: BaseException) -> UserError | None:
-    """The one-line error for a write that failed on a full disk, a read-only file system or
-    missing permissions (None for any other exception); names the path and what to do."""
-    seen, cur = [], exc
-    while isinstance(cur, BaseException) and cur not in seen:  # e.g. torch.save raises while handling an OSError
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    exc = next((x for x in seen if isinstance(x, OSError) and x.errno in _DISK_ERRORS), exc)
-    if not isinstance(exc, OSError) and isinstance(exc, Exception) and _nearly_full(Path(path).parent):
-        # writers in C (torch's zip writer, some codecs) lose the errno of a full disk
-        exc = OSError(errno.ENOSPC, f"{type(exc).__name__}: {exc}")
-    if not isinstance(exc, OSError) or exc.errno not in _DISK_ERRORS:
-        return None
-    fix = ("free some space and run the same command again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
-           "make it writable (or point the path elsewhere) and run the same command again")
-    return UserError(f"cannot write {path}: {_DISK_ERRORS[exc.errno]}; {fix} "
-                     "(finished parts are kept, unfinished ones are redone)")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -99,11 +65,7 @@ def atomic_torch_save(obj, path: str | Path, fsync: bool = False) -> Path:
     """``torch.save`` through a temp file (checkpoints pass ``fsync`` so a power cut keeps them)."""
     import torch
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:  # through a Python file, so a full disk surfaces as OSError(ENOSPC)
-            torch.save(obj, fh)
-
-    return atomic_write(path, write, fsync=fsync)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), fsync=fsync)
 
 
 def load_payload(path: str | Path, fmt: str | None, made_by: str, what: str = "") -> dict:
@@ -151,3 +113,73 @@ def seeded_generator(seed: int, *names, device="cpu"):
     g = torch.Generator(device=device)
     g.manual_seed(derived_seed(seed, *names))
     return g
+
+
+def pid_alive(pid: int) -> bool:
+    """True when ``pid`` runs on this host (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class DirLock:
+    """Exclusive writer lock of a directory: a file created with O_CREAT|O_EXCL holding host and pid.
+
+    ``what`` names the directory in messages (``store cache/f.zarr``, ``run directory runs/sit``);
+    ``hint`` says who the other writer probably is (``another extract running?``). A lock
+    whose pid is dead on this host is taken over with a warning; a live one, or one from
+    another host (its pid cannot be checked), is refused with one line naming the holder.
+    """
+
+    def __init__(self, lock_path, what: str, hint: str = ""):
+        self.path, self.what, self.hint = Path(lock_path), what, hint
+        self.held = False
+
+    def _try_create(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+        return True
+
+    def acquire(self) -> "DirLock":
+        if self._try_create():
+            self.held = True
+            return self
+        try:
+            owner = json.loads(self.path.read_text())
+            host, pid = str(owner["host"]), int(owner["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{self.what} has an unreadable lock file; if no other writer runs, "
+                            f"remove {self.path}") from None
+        if host == socket.gethostname() and not pid_alive(pid):
+            print(f"WARNING: taking over the lock of {self.what} left by dead pid {pid}", file=sys.stderr)
+            self.path.unlink(missing_ok=True)
+            if self._try_create():
+                self.held = True
+                return self
+        hint = f" ({self.hint})" if self.hint else ""
+        raise UserError(f"{self.what} is locked by pid {pid} on host {host}{hint}; "
+                        f"if that process is dead, remove {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

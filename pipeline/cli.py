@@ -14,7 +14,6 @@ so ``train-sit`` never imports the image encoder.
 
 from __future__ import annotations
 
-import errno
 import importlib
 import sys
 from typing import NamedTuple
@@ -23,7 +22,7 @@ import click
 import yaml
 
 from fae_pipe import config as C
-from fae_pipe.errors import UserError
+from fae_pipe.errors import StopRequested, UserError
 
 
 class KeyOption(click.Option):
@@ -262,27 +261,17 @@ def show_config(config_file, sets):
     click.echo(C.dump_config(C.load_config(config_file, C.parse_sets(sets))), nl=False)
 
 
-_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def _close_progress_bars() -> None:
-    from tqdm import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):
-        try:
-            bar.close()
-        except Exception:  # noqa: BLE001 - closing is cosmetic
-            pass
-
-
 def main(argv=None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
         cli.main(args=argv, prog_name="fae-pipe", standalone_mode=False)
     except UserError as e:
-        _close_progress_bars()  # a bar left open by the failing stage would share the error's line
         click.echo(f"fae-pipe: error: {e}", err=True)
         sys.exit(2)
+    except StopRequested as e:  # a stop signal: clean stop, continue later (docs/train-sit.md, Training setup)
+        if str(e):  # the main process says it; the other ranks stop quietly
+            click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("fae-pipe: aborted", err=True)
         sys.exit(130)
@@ -294,14 +283,6 @@ def main(argv=None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except OSError as e:  # a full disk / read-only file system met by a write outside atomic_write (logs, demo)
-        if e.errno not in _FULL_OR_READ_ONLY:
-            raise
-        from fae_pipe.artifacts import disk_write_error
-
-        _close_progress_bars()
-        click.echo(f"fae-pipe: error: {disk_write_error(e.filename or 'a file (name unknown)', e)}", err=True)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -169,6 +169,9 @@ class Sit:
 class Runtime:
     attention: str = F("sdpa", "attention kernel: sdpa (PyTorch, every device) or xformers (CUDA tensors only; "
                        "needs the cuda extra)", choices=["sdpa", "xformers"])
+    stop_signals: list = F(["SIGTERM"], "signals that stop a train-*/extract/encode run cleanly (checkpoint or "
+                           "finished shard, exit code 75; add SIGUSR1 for SLURM's --signal); [] = none",
+                           choices=["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"])
 
 
 @dataclass

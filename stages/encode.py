@@ -85,7 +85,7 @@ def run(cfg: Config, overwrite: bool = False) -> None:
         mark_incomplete(group)
         result = run_shards(out, task, ShardPlan(n, shard_samples), config_hash, units=cfg.encode.shards,
                             workers=cfg.encode.workers, scheduler=cfg.encode.scheduler, threads=cfg.encode.threads,
-                            desc="encode")
+                            desc="encode", stop_signals=cfg.runtime.stop_signals)
         if not result.complete:
             missing = sorted(set(range(result.shards_total)) - set(result.records))
             raise UserError(f"encode: shards {missing} of {out} have no completion record; re-run `fae-pipe encode`")

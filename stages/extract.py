@@ -89,7 +89,8 @@ def _extract_locked(cfg: Config, store_path: str, overwrite: bool, limit: int | 
     mark_incomplete(group)
     result = run_shards(store_path, task, ShardPlan(n, shard_samples), config_hash,
                         units=cfg.extract.shards, workers=cfg.extract.workers,
-                        scheduler=cfg.extract.scheduler, threads=cfg.extract.threads, desc="extract")
+                        scheduler=cfg.extract.scheduler, threads=cfg.extract.threads, desc="extract",
+                        stop_signals=cfg.runtime.stop_signals)
     if not result.complete:
         missing = sorted(set(range(result.shards_total)) - set(result.records))
         raise UserError(f"extract: shards {missing} of {store_path} have no completion record; "

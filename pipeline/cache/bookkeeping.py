@@ -10,15 +10,10 @@ store; one left by a killed process on this host is taken over with a warning.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import sys
-import time
 from pathlib import Path
 
-from fae_pipe.artifacts import atomic_write_json
+from fae_pipe.artifacts import DirLock, atomic_write_json
 from fae_pipe.cache.schema import BOOKKEEPING_DIR
-from fae_pipe.errors import UserError
 
 
 def bookkeeping_dir(store_path) -> Path:
@@ -54,65 +49,9 @@ def remove_stray_files(store_path) -> int:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
-    """True when ``pid`` runs on this host (a zombie, killed but not yet reaped, counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-class StoreLock:
-    """Exclusive writer lock: a file created with O_CREAT|O_EXCL holding host and pid."""
+class StoreLock(DirLock):
+    """The writer lock of a store, ``<store>/.fae/lock`` (``fae_pipe.artifacts.DirLock``)."""
 
     def __init__(self, store_path):
         self.store = Path(store_path)
-        self.path = bookkeeping_dir(store_path) / "lock"
-        self.held = False
-
-    def _try_create(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
-        return True
-
-    def acquire(self) -> "StoreLock":
-        if self._try_create():
-            self.held = True
-            return self
-        try:
-            owner = json.loads(self.path.read_text())
-            host, pid = str(owner["host"]), int(owner["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"store {self.store} has an unreadable lock file; if no other writer runs, "
-                            f"remove {self.path}") from None
-        if host == socket.gethostname() and not _pid_alive(pid):
-            print(f"WARNING: taking over the lock of store {self.store} left by dead pid {pid}", file=sys.stderr)
-            self.path.unlink(missing_ok=True)
-            if self._try_create():
-                self.held = True
-                return self
-        raise UserError(f"store {self.store} is locked by pid {pid} on host {host} (another extract running?); "
-                        f"if that process is dead, remove {self.path}")
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> "StoreLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(bookkeeping_dir(store_path) / "lock", f"store {self.store}", "another extract running?")

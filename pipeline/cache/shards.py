@@ -7,6 +7,15 @@ read-modify-write, so two writers of one shard lose data), then its completion r
 Work units (``--shards N``) are contiguous runs of whole storage shards; each unit is
 one dask task, so the same code runs in-process, on a LocalCluster (``workers``) or on
 any dask cluster (``scheduler``). A worker holds at most one storage shard in memory.
+
+Stopping on a signal (``runtime.stop_signals``, passed as ``stop_signals``): while the
+runner works, those signals only set a flag. In-process, the shard in flight finishes
+(data, then its record) and the runner stops before the next shard; on dask, the
+coordinator stops after the next work unit completes and cancels the others (a unit
+already running on a worker may finish its shards, each with its record, or be cut off
+when a LocalCluster shuts down: a shard without a record is redone next time). Either
+way ``StopRequested`` is raised (exit code 75): running the same command again skips
+the shards with records and writes the rest, bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -23,9 +32,9 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from fae_pipe.artifacts import disk_write_error
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import read_record, write_record
+from fae_pipe.errors import StopRequested, StopSignals
 
 
 @dataclass(frozen=True)
@@ -146,14 +155,7 @@ def write_shard(group: zarr.Group, store_path, shard_index: int, start: int, sto
         if tuple(arrays[name].shape) != want:
             raise RuntimeError(f"shard task returned {name} of shape {arrays[name].shape}, expected {want}")
         # write_empty_chunks is runtime config (not stored): keep all-zero shards as files too
-        try:
-            arr.with_config({"write_empty_chunks": True})[start:stop] = np.asarray(arrays[name], dtype=arr.dtype)
-        except Exception as e:
-            # full disk / read-only: one line; no record is written, so a re-run redoes this shard
-            friendly = disk_write_error(schema.shard_file(store_path, group, name, shard_index), e)
-            if friendly is not None:
-                raise friendly from None
-            raise
+        arr.with_config({"write_empty_chunks": True})[start:stop] = np.asarray(arrays[name], dtype=arr.dtype)
     extras = dict(extras)
     failures = list(extras.pop("failures", []))
     valid = arrays.get(schema.VALID)
@@ -168,24 +170,28 @@ def write_shard(group: zarr.Group, store_path, shard_index: int, start: int, sto
 
 def run_unit(task: ShardTask, store_path: str, shard_ids: list[int], plan: ShardPlan, config_hash: str,
              threads: int = 0, workers: int = 0, progress: Callable[[int], None] | None = None,
-             topic: str | None = None, prepared: PreparedTasks | None = None) -> list[dict]:
+             topic: str | None = None, prepared: PreparedTasks | None = None,
+             stop: Callable[[], bool] | None = None) -> list[dict]:
     """Compute and write the storage shards of one work unit; returns their records.
 
     ``prepared``: where the built task is kept (None: this process's registry, as on a dask worker).
+    ``stop``: polled before each shard; when true, the unit ends there (the shards before it are whole).
     """
     ready = (prepared or PreparedTasks.of_process()).get(task, threads, workers)
     group = schema.open_group(store_path, "r+")
     records = []
     for shard_index in shard_ids:
-        start, stop = plan.bounds(shard_index)
+        if stop is not None and stop():
+            break
+        start, stop_ = plan.bounds(shard_index)
         t0 = time.perf_counter()
-        arrays, extras = ready.compute(shard_index, start, stop, progress)
-        records.append(write_shard(group, store_path, shard_index, start, stop, arrays, extras,
+        arrays, extras = ready.compute(shard_index, start, stop_, progress)
+        records.append(write_shard(group, store_path, shard_index, start, stop_, arrays, extras,
                                    config_hash, time.perf_counter() - t0))
         if topic is not None:
             from distributed import get_worker
 
-            get_worker().log_event(topic, {"samples": stop - start})
+            get_worker().log_event(topic, {"samples": stop_ - start})
     return records
 
 
@@ -224,12 +230,13 @@ class RunResult:
 
 def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *, units: int = 1,
                workers: int = 0, scheduler: str = "", threads: int = 0, desc: str = "shards",
-               prepared: PreparedTasks | None = None) -> RunResult:
+               prepared: PreparedTasks | None = None, stop_signals=("SIGTERM",)) -> RunResult:
     """Write every storage shard without a matching completion record; skip the rest.
 
     ``prepared`` keeps the built task of an in-process run (None: this process's
     registry, so a second run of the same task reuses its model); dask workers always
-    use their own process's registry.
+    use their own process's registry. ``stop_signals``: signal names that stop the run
+    cleanly (see the module docstring); ``StopRequested`` names what was done.
     """
     path = str(Path(store_path).resolve())
     unit_list, note = plan.units(units)
@@ -241,20 +248,32 @@ def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *
     pending = [i for unit in todo for i in unit]
     total = sum(plan.bounds(i)[1] - plan.bounds(i)[0] for i in pending)
     bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, disable=total == 0)
+    signals = StopSignals(stop_signals)
+    stopped = lambda: signals.requested is not None  # noqa: E731
     try:
+        signals.install()
         if not pending:
             seconds = 0.0
         elif scheduler or workers:
-            seconds = _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, threads, bar)
+            seconds = _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, threads, bar, stopped)
         else:
             prepared = prepared or PreparedTasks.of_process()
             prepared.get(task, threads, 0)  # model build is not part of the throughput
             t0 = time.perf_counter()
             for unit in todo:
-                run_unit(task, path, unit, plan, config_hash, threads, 0, progress=bar.update, prepared=prepared)
+                run_unit(task, path, unit, plan, config_hash, threads, 0, progress=bar.update, prepared=prepared,
+                         stop=stopped)
+                if stopped():
+                    break
             seconds = time.perf_counter() - t0
     finally:
+        signals.restore()
         bar.close()  # ends the bar's line, so an error message starts on its own line
+    done = sum(record_matches(read_record(path, i), config_hash, *plan.bounds(i)) for i in range(plan.num_shards))
+    if stopped() and done < plan.num_shards:  # a signal after the last shard: the run simply completed
+        raise StopRequested(f"{desc}: stop signal ({signals.name(signals.requested)}): {done} of {plan.num_shards} "
+                            f"storage shards complete, the rest left cleanly without records; run the same command "
+                            f"again to continue")
     records = {}
     for i in range(plan.num_shards):
         rec = read_record(path, i)
@@ -264,7 +283,7 @@ def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *
                      total, seconds, records)
 
 
-def _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, threads, bar) -> float:
+def _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, threads, bar, stopped) -> float:
     """One dask task per work unit; progress arrives per written shard as worker events."""
     from distributed import Client, LocalCluster, as_completed
 
@@ -287,6 +306,9 @@ def _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, thread
         try:
             for fut in as_completed(futures):
                 fut.result()
+                if stopped():  # the coordinator stops here; units still queued or running are cancelled
+                    client.cancel(futures)
+                    break
         except BaseException:
             client.cancel(futures)
             raise

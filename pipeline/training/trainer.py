@@ -23,6 +23,18 @@ Why it is shaped like this:
 - Randomness comes from generators seeded by ``(seed, rank, step, stream)``
   (``generator``) and data order from ``(seed, epoch)``, so a resumed run draws
   exactly what the uninterrupted one drew.
+- One writer per run directory: the main process holds ``<run>/.lock`` (``DirLock``,
+  the stores' lock) from construction until ``finish`` or any exception; a second
+  ``train-*`` on the directory is refused naming the holder, a dead holder's lock is
+  taken over. Only the main process locks, so the ranks of one run on several hosts
+  never refuse each other. In one process, a new Trainer on a directory supersedes an
+  earlier one that never reached ``finish`` (notebooks, tests).
+- Preemption: from construction until the loop ends, ``runtime.stop_signals`` (default
+  SIGTERM) only set a flag. After each step the flag is combined over the processes
+  (one all-reduce of a CPU int on a gloo group, only when world size > 1; no device
+  sync), so every rank stops after the same step; that step's checkpoint is written by
+  the normal ``save`` and ``StopRequested`` ends the stage (exit code 75);
+  ``--resume auto`` continues bit-exactly. The previous handlers are restored after.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -40,8 +53,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
-from fae_pipe.artifacts import seeded_generator
-from fae_pipe.errors import UserError
+from fae_pipe.artifacts import DirLock, seeded_generator
+from fae_pipe.errors import StopRequested, StopSignals, UserError
 from fae_pipe.training.checkpoint import (capture_rng, check_finite_weights, clear_checkpoints, last_good,
                                           load_checkpoint, resolve_resume, restore_rng, save_checkpoint)
 from fae_pipe.training.ema import EMA
@@ -69,6 +82,57 @@ def make_accelerator(precision: str, grad_accum: int, key: str, log_with: str | 
 def adamw(params, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW with the fused kernel: it can skip an update on the device (``found_inf``) without a host sync."""
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+
+
+# run directory -> the lock a Trainer of this process holds on it. A new Trainer on the same
+# directory in the same process (a notebook, a test, a driver script) supersedes an earlier
+# one that never reached finish(); another process is refused.
+_RUN_LOCKS: dict[str, DirLock] = {}
+
+
+def _release(lock: DirLock | None, signals: StopSignals) -> None:
+    signals.restore()
+    if lock is not None:
+        lock.release()
+        for key, held in list(_RUN_LOCKS.items()):
+            if held is lock:
+                del _RUN_LOCKS[key]
+
+
+def _lock_run_dir(run_dir: Path, stage: str) -> DirLock:
+    key = str(run_dir.resolve())
+    earlier = _RUN_LOCKS.pop(key, None)
+    if earlier is not None:
+        earlier.release()
+    lock = DirLock(run_dir / ".lock", f"run directory {run_dir}", f"another {stage} running?").acquire()
+    _RUN_LOCKS[key] = lock
+    return lock
+
+
+def stop_group(world: int):
+    """The process group the stop flag is reduced on: None (default group) when it is gloo, else a gloo group.
+
+    A collective: every rank must call it (the Trainer does, in its constructor).
+    """
+    import torch.distributed as dist
+
+    if world <= 1 or not dist.is_available() or not dist.is_initialized():
+        return None
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def agree_on_stop(local: int, world: int, group=None) -> int:
+    """The largest stop signal number any process received (0: none), the same on every rank.
+
+    One all-reduce of a CPU int32 (host-side, no device sync) when ``world > 1``.
+    """
+    if world <= 1:
+        return local
+    import torch.distributed as dist
+
+    flag = torch.tensor([local], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag.item())
 
 
 def cpu_state(module: torch.nn.Module) -> dict:
@@ -108,6 +172,13 @@ class Trainer:
                             f"divisible by processes x {section}.train.grad_accum = {self.world} x {t.grad_accum} "
                             f"= {parts}")
         self.micro_batch = t.batch_size // parts
+        self.stop_signals = StopSignals(cfg.runtime.stop_signals)
+        self.poll_stop = bool(cfg.runtime.stop_signals)
+        self.stop_group = stop_group(self.world) if self.poll_stop else None  # collective: before the lock
+        self.lock = _lock_run_dir(self.run_dir, stage) if self.main else None
+        self.stop_signals.install()
+        # released by finish(), by any exception out of prepare()/steps(), else when the Trainer goes or at exit
+        self._release = weakref.finalize(self, _release, self.lock, self.stop_signals)
         self.memory_budget_bytes = int(t.memory_budget_gb * (1 << 30))
         self.start, self.step_count, self.samples = 0, 0, 0
         self.metrics: dict = {}
@@ -129,6 +200,13 @@ class Trainer:
         from ``train``). ``identity``: what must match for a checkpoint to continue this
         run (model names, kwargs, latent statistics, source fingerprints).
         """
+        try:
+            return self._prepare(models, optimizers, identity)
+        except BaseException:
+            self._release()
+            raise
+
+    def _prepare(self, models, optimizers, identity) -> list:
         t, names = self.t, list(models)
         self.main_name = names[0]
         if optimizers is None:
@@ -248,7 +326,20 @@ class Trainer:
         self.window.add(**values)
 
     def steps(self, evaluate: Callable[[], dict] | None = None) -> Iterator[int]:
-        """Yield the 0-based steps still to run; around each: progress, evaluation, log windows, checkpoints."""
+        """Yield the 0-based steps still to run; around each: progress, evaluation, log windows, checkpoints.
+
+        After each step but the last, a stop signal (any rank's) writes that step's
+        checkpoint and raises ``StopRequested``; an exception here or in the step body
+        (which closes this generator) releases the run-directory lock.
+        """
+        try:
+            yield from self._steps(evaluate)
+        except BaseException:
+            self._release()
+            raise
+        self.stop_signals.restore()  # the loop is over: a signal now gets its usual action
+
+    def _steps(self, evaluate) -> Iterator[int]:
         t = self.t
         self.t_loop = time.perf_counter()
         bar = tqdm(total=t.steps, initial=self.start, desc=self.stage, unit="step", file=sys.stderr,
@@ -273,6 +364,14 @@ class Trainer:
                     bar.write(f"{self.stage}: step {done}: held-out {shown}", file=sys.stderr)
             if done % t.checkpoint_every == 0 or last:
                 self.save(done)
+            signum = agree_on_stop(self.stop_signals.requested or 0, self.world, self.stop_group) \
+                if self.poll_stop and not last else 0
+            if signum:
+                if done % t.checkpoint_every:
+                    self.save(done)
+                bar.close()
+                raise StopRequested(f"{self.stage}: stop signal ({StopSignals.name(signum)}) at step {done}: "
+                                    "checkpoint written; continue with --resume auto" if self.main else "")
         bar.close()
         if evaluate is not None and not self.metrics:  # a finished run resumed: nothing trained, still report
             self.metrics = evaluate()
@@ -350,4 +449,5 @@ class Trainer:
         if self.tracking:  # not end_training(): that also tears down the process group
             for tracker in self.accelerator.trackers:
                 tracker.finish()
+        self._release()
         return summary
