@@ -22,7 +22,7 @@ import click
 import yaml
 
 from fae_pipe import config as C
-from fae_pipe.errors import StopRequested, UserError
+from fae_pipe.errors import UserError
 
 
 class KeyOption(click.Option):
@@ -252,6 +252,17 @@ def verify_cmd(path, index_path):
     click.echo(f"verify: {path}: OK")
 
 
+@cli.command("convert-export")
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="where to write the safetensors file [default: OLD with the suffix .safetensors]")
+def convert_export_cmd(old, out):
+    """Convert a pickled export of an earlier release (fae.pt, decoder.pt, sit.pt) to safetensors, once."""
+    from fae_pipe.stages.convert_export import run
+
+    run(old, out)
+
+
 @cli.command("config")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help=f"YAML config file [default: {C.DEFAULT_CONFIG} when present]")
@@ -261,17 +272,24 @@ def show_config(config_file, sets):
     click.echo(C.dump_config(C.load_config(config_file, C.parse_sets(sets))), nl=False)
 
 
+def _close_progress_bars() -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - closing is cosmetic
+            pass
+
+
 def main(argv=None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
         cli.main(args=argv, prog_name="fae-pipe", standalone_mode=False)
     except UserError as e:
+        _close_progress_bars()  # a bar left open by the failing stage would share the error's line
         click.echo(f"fae-pipe: error: {e}", err=True)
         sys.exit(2)
-    except StopRequested as e:  # a stop signal: clean stop, continue later (docs/train-sit.md, Training setup)
-        if str(e):  # the main process says it; the other ranks stop quietly
-            click.echo(str(e), err=True)
-        sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("fae-pipe: aborted", err=True)
         sys.exit(130)
