@@ -14,6 +14,7 @@ so ``train-sit`` never imports the image encoder.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from typing import NamedTuple
@@ -22,7 +23,7 @@ import click
 import yaml
 
 from fae_pipe import config as C
-from fae_pipe.errors import UserError
+from fae_pipe.errors import StopRequested, UserError
 
 
 class KeyOption(click.Option):
@@ -252,17 +253,6 @@ def verify_cmd(path, index_path):
     click.echo(f"verify: {path}: OK")
 
 
-@cli.command("convert-export")
-@click.argument("old", type=click.Path(dir_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="where to write the safetensors file [default: OLD with the suffix .safetensors]")
-def convert_export_cmd(old, out):
-    """Convert a pickled export of an earlier release (fae.pt, decoder.pt, sit.pt) to safetensors, once."""
-    from fae_pipe.stages.convert_export import run
-
-    run(old, out)
-
-
 @cli.command("config")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help=f"YAML config file [default: {C.DEFAULT_CONFIG} when present]")
@@ -270,6 +260,9 @@ def convert_export_cmd(old, out):
 def show_config(config_file, sets):
     """Print the resolved config (defaults < file < overrides) as YAML, validated like every stage."""
     click.echo(C.dump_config(C.load_config(config_file, C.parse_sets(sets))), nl=False)
+
+
+_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _close_progress_bars() -> None:
@@ -290,6 +283,10 @@ def main(argv=None) -> None:
         _close_progress_bars()  # a bar left open by the failing stage would share the error's line
         click.echo(f"fae-pipe: error: {e}", err=True)
         sys.exit(2)
+    except StopRequested as e:  # a stop signal: clean stop, continue later (docs/train-sit.md, Training setup)
+        if str(e):  # the main process says it; the other ranks stop quietly
+            click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("fae-pipe: aborted", err=True)
         sys.exit(130)
@@ -301,6 +298,14 @@ def main(argv=None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
+    except OSError as e:  # a full disk / read-only file system met by a write outside atomic_write (logs, demo)
+        if e.errno not in _FULL_OR_READ_ONLY:
+            raise
+        from fae_pipe.artifacts import disk_write_error
+
+        _close_progress_bars()
+        click.echo(f"fae-pipe: error: {disk_write_error(e.filename or 'a file (name unknown)', e)}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_probe_writes_three_accuracies_and_is_reproducible(tiny, capsys):
 def test_pooled_features_follow_the_fae(tiny):
     cfg = load_config(tiny)
     group = open_feature_store(cfg.paths.features)
-    fae = FeatureAutoencoder.load(tiny.parent / "fae" / "fae.safetensors")
+    fae = FeatureAutoencoder.load(tiny.parent / "fae" / "fae.pt")
     rows = np.array([0, 3, 7])
     feats = probe.pooled_features(group, fae, rows, 0)
     tokens = torch.from_numpy(read_view(group, "features", rows, 0))

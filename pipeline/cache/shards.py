@@ -32,6 +32,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
+from fae_pipe.artifacts import disk_write_error
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import read_record, write_record
 from fae_pipe.errors import StopRequested, StopSignals
@@ -155,7 +156,14 @@ def write_shard(group: zarr.Group, store_path, shard_index: int, start: int, sto
         if tuple(arrays[name].shape) != want:
             raise RuntimeError(f"shard task returned {name} of shape {arrays[name].shape}, expected {want}")
         # write_empty_chunks is runtime config (not stored): keep all-zero shards as files too
-        arr.with_config({"write_empty_chunks": True})[start:stop] = np.asarray(arrays[name], dtype=arr.dtype)
+        try:
+            arr.with_config({"write_empty_chunks": True})[start:stop] = np.asarray(arrays[name], dtype=arr.dtype)
+        except Exception as e:
+            # full disk / read-only: one line; no record is written, so a re-run redoes this shard
+            friendly = disk_write_error(schema.shard_file(store_path, group, name, shard_index), e)
+            if friendly is not None:
+                raise friendly from None
+            raise
     extras = dict(extras)
     failures = list(extras.pop("failures", []))
     valid = arrays.get(schema.VALID)
