@@ -3,8 +3,13 @@
 - Atomic writes: every file a stage leaves (checkpoints, exports, logs, metrics,
   indices, records, images) is written to a temporary sibling and renamed, so a
   killed process never leaves half a file where a reader expects a whole one.
-- Typed payloads: an exported ``.pt`` is a dict with a ``format`` tag; loading
-  checks the tag and turns any unreadable file into one line naming it.
+- Exports: one safetensors file each (``save_export`` / ``load_export``): tensors
+  named ``<group>/<state-dict key>``, everything else one JSON document in the
+  header's ``__metadata__["fae_pipe"]`` with a ``format`` tag. Loading runs no
+  code (no pickle); a file of another kind, or an old pickled ``.pt`` export, is
+  one line naming it and what to run (``fae-pipe convert-export`` for the latter).
+- Checkpoints: ``torch.save`` of tensors and plain types, read back with
+  ``weights_only=True`` (``load_payload``): a pickle that would run code is refused.
 - Fingerprints: ``sha256:<hex>`` of a file's bytes is how stores, exports and
   checkpoints name the files they were made from.
 - Seeds: every random stream is seeded from names (seed, rank, step, stream...),
@@ -21,6 +26,8 @@ import errno
 import hashlib
 import json
 import os
+import pickle
+import re
 import socket
 import sys
 import time
@@ -116,7 +123,8 @@ def atomic_torch_save(obj, path: str | Path, fsync: bool = False) -> Path:
 def load_payload(path: str | Path, fmt: str | None, made_by: str, what: str = "") -> dict:
     """A dict saved by ``torch.save`` with ``format == fmt`` (None: any dict); one-line errors otherwise.
 
-    These are fae-pipe's own exports and checkpoints (full unpickling of trusted files).
+    Loaded with ``weights_only=True``: tensors and plain types only, so a crafted
+    pickle (whose ``__reduce__`` would run code) is refused, never executed.
     """
     import torch
 
@@ -126,13 +134,116 @@ def load_payload(path: str | Path, fmt: str | None, made_by: str, what: str = ""
         raise UserError(f"{label} '{path}' not found: run `fae-pipe {made_by}` first" if what else
                         f"{path} not found: run `fae-pipe {made_by}` first")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise UserError(f"{path} cannot be read ({type(e).__name__}): pass a file written by "
-                        f"`fae-pipe {made_by}`") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            kind = f"holds an object that is not a tensor or plain type ({found.group(1)}): refused, not loaded"
+        elif isinstance(e, pickle.UnpicklingError):
+            kind = "cannot be read as tensors and plain types: refused, not loaded"
+        else:
+            kind = f"cannot be read ({type(e).__name__})"
+        raise UserError(f"{path} {kind}: pass a file written by `fae-pipe {made_by}`") from None
     if not isinstance(payload, dict) or (fmt is not None and payload.get("format") != fmt):
         raise UserError(f"{path} is not a {fmt or 'fae-pipe'} file: pass the file written by `fae-pipe {made_by}`")
     return payload
+
+
+EXPORT_KEY = "fae_pipe"  # the safetensors ``__metadata__`` key holding an export's JSON document
+
+
+def save_export(path: str | Path, groups: dict, meta: dict) -> Path:
+    """Write one safetensors export: tensors ``<group>/<key>`` + ``meta`` (with ``format``) as JSON.
+
+    ``groups``: name -> state dict (name -> tensor); a ``None`` group is left out (its
+    absence is recorded in ``meta["groups"]``). Tensors are stored as contiguous CPU
+    copies; the JSON is written with sorted keys, so the same content gives the same bytes.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    if "format" not in meta:
+        raise ValueError("export metadata needs a 'format' tag")
+    tensors = {}
+    for group, state in groups.items():
+        if state is None:
+            continue
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"export group {group!r}: {key!r} is not a tensor")
+            tensors[f"{group}/{key}"] = value.detach().to("cpu").contiguous().clone()
+    doc = {**meta, "groups": sorted(g for g, s in groups.items() if s is not None)}
+    header = {EXPORT_KEY: json.dumps(doc, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+def _pickled(path: Path) -> bool:
+    """A ``torch.save`` file (zip or legacy pickle), by its first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def read_export(path: str | Path) -> tuple[dict, dict]:
+    """``(groups, meta)`` of a safetensors export, unchecked; raises on anything else."""
+    from safetensors import safe_open
+
+    groups: dict[str, dict] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = json.loads((f.metadata() or {})[EXPORT_KEY])
+        for name in f.keys():
+            group, _, key = name.partition("/")
+            groups.setdefault(group, {})[key] = f.get_tensor(name)
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
+    for group in meta.get("groups", []):
+        groups.setdefault(group, {})
+    return groups, meta
+
+
+def read_export_meta(path: str | Path) -> dict | None:
+    """An export's JSON document from the header only (no tensors read); None when unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {})[EXPORT_KEY])
+        return meta if isinstance(meta, dict) else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def load_export(path: str | Path, fmt: str, made_by: str, what: str = "") -> tuple[dict, dict]:
+    """``(groups, meta)`` of the export at ``path`` with ``meta["format"] == fmt``; one-line errors otherwise.
+
+    Never unpickles: an old pickled export (``.pt``) is refused with a pointer to
+    ``fae-pipe convert-export``.
+    """
+    path = Path(path)
+    label = f"{what} '{path}'" if what else str(path)
+    if not path.is_file():
+        raise UserError(f"{label} not found: run `fae-pipe {made_by}` first")
+    if _pickled(path):
+        raise UserError(f"{label} is a pickled (old-format) export, not loaded: convert it once with "
+                        f"`fae-pipe convert-export {path}` (or re-run `fae-pipe {made_by}`)")
+    try:
+        groups, meta = read_export(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise UserError(f"{label} is not a fae-pipe safetensors export ({type(e).__name__}): pass the file "
+                        f"written by `fae-pipe {made_by}`") from None
+    if meta.get("format") != fmt:
+        raise UserError(f"{label} is a {meta.get('format')!r} file, not {fmt!r}: pass the file written by "
+                        f"`fae-pipe {made_by}`")
+    return groups, meta
+
+
+def export_fingerprints(path: str | Path) -> set[str]:
+    """The fingerprints an export answers to: its own, and that of the pickled file it was converted from."""
+    found = {file_fingerprint(path)}
+    old = (read_export_meta(path) or {}).get("converted_from")
+    if isinstance(old, str):
+        found.add(old)
+    return found
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -253,6 +253,17 @@ def verify_cmd(path, index_path):
     click.echo(f"verify: {path}: OK")
 
 
+@cli.command("convert-export")
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="where to write the safetensors file [default: OLD with the suffix .safetensors]")
+def convert_export_cmd(old, out):
+    """Convert a pickled export of an earlier release (fae.pt, decoder.pt, sit.pt) to safetensors, once."""
+    from fae_pipe.stages.convert_export import run
+
+    run(old, out)
+
+
 @cli.command("config")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help=f"YAML config file [default: {C.DEFAULT_CONFIG} when present]")

@@ -4,7 +4,9 @@ Reuses the one sharded-writing machinery of ``extract`` (lock, per-shard
 completion records, resume, ``--shards``/``--workers``/``--scheduler``): only the
 shard task differs (``fae_pipe.tasks.latents.EncodeTask``). The store's ``config_hash``
 covers the FAE file's sha256, the source store's hash and the layout, so a new
-FAE never silently mixes with latents of the old one. The exact channel
+FAE never silently mixes with latents of the old one. An FAE export made by
+``fae-pipe convert-export`` answers to the sha256 of the pickled file it came from
+too (``converted_from``): a store made from that file is resumed, not rebuilt. The exact channel
 statistics are merged from the shard records at the end and written into the
 store's attrs, their one source (``fae_pipe.cache.latent_stats``).
 """
@@ -17,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from fae_pipe.artifacts import file_fingerprint
+from fae_pipe.artifacts import file_fingerprint, read_export_meta
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import StoreLock
 from fae_pipe.cache.latent_stats import merge_moments
@@ -43,6 +45,14 @@ def check_compatible(payload: dict, group, fae_path: Path, features_path: str) -
                         f"{features_path} holds {grid} x {dim}: retrain with `fae-pipe train-fae` on this store")
 
 
+def existing_hash(path) -> str | None:
+    """The ``config_hash`` of the store at ``path``, or None (absent or unreadable)."""
+    try:
+        return schema.open_group(path, "r").attrs.get(schema.A_CONFIG_HASH)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def store_bytes(path) -> int:
     """Bytes of a store's data files (its bookkeeping directory excluded)."""
     root = Path(path)
@@ -61,12 +71,19 @@ def run(cfg: Config, overwrite: bool = False) -> None:
     n, views = source[schema.FEATURES].shape[:2]
     shard_samples = int(source.attrs[schema.A_SHARD_SAMPLES])
     chunk_samples = int(source.attrs[schema.A_CHUNK_SAMPLES])
-    fae_fp = file_fingerprint(fae_path)
     src = {"path": str(Path(cfg.paths.features).resolve()), "config_hash": source.attrs.get(schema.A_CONFIG_HASH)}
-    config_hash = hashlib.sha256(json.dumps({
-        "schema_version": schema.SCHEMA_VERSION, "fae": fae_fp, "source": src["config_hash"],
-        "store_std": cfg.encode.store_std, "shard_samples": shard_samples, "chunk_samples": chunk_samples,
-    }, sort_keys=True).encode()).hexdigest()
+
+    def store_hash(fae_fp: str) -> str:
+        return hashlib.sha256(json.dumps({
+            "schema_version": schema.SCHEMA_VERSION, "fae": fae_fp, "source": src["config_hash"],
+            "store_std": cfg.encode.store_std, "shard_samples": shard_samples, "chunk_samples": chunk_samples,
+        }, sort_keys=True).encode()).hexdigest()
+
+    fae_fp = file_fingerprint(fae_path)
+    converted_from = (read_export_meta(fae_path) or {}).get("converted_from")
+    if isinstance(converted_from, str) and existing_hash(cfg.paths.latents) == store_hash(converted_from):
+        fae_fp = converted_from  # the store was made by the pickled file this export was converted from
+    config_hash = store_hash(fae_fp)
     attrs = {k: source.attrs[k] for k in COPIED_ATTRS if k in source.attrs}
     attrs.update({schema.A_FAE_FINGERPRINT: fae_fp, schema.A_FAE_MODELS: payload["models"],
                   schema.A_SOURCE_FEATURES: src,

@@ -34,6 +34,7 @@ from fae_pipe.cache import schema
 from fae_pipe.config import Config
 from fae_pipe.device import pick_device
 from fae_pipe.errors import UserError
+from fae_pipe.fae.autoencoder import FAE_FILE
 from fae_pipe.fae.data import feature_split, open_feature_store
 from fae_pipe.metrics.frechet import RunningStats, feature_stats, frechet_distance
 from fae_pipe.metrics.weights import MetricUnavailable
@@ -93,15 +94,15 @@ def reconstruction(cfg: Config, group, encoder, view: tuple[int, str], inception
     from fae_pipe.data.index import read_index
     from fae_pipe.fae.autoencoder import FeatureAutoencoder
     from fae_pipe.metrics.image import build_lpips, lpips_distance, psnr
-    from fae_pipe.sampling.generator import to_uint8
+    from fae_pipe.sampling.generator import default_paths, to_uint8
 
     ev, paths = cfg.evaluate, cfg.paths
     rows = feature_split(group, paths.index, paths.features).holdout_rows(ev.recon_images)
     if len(rows) < 2:
         return {"status": f"unavailable: {len(rows)} held-out image(s) in {paths.features}; need 2 "
                           "(raise data.holdout_fraction and re-run prepare + extract)"}
-    fae = FeatureAutoencoder.load(Path(paths.fae_run) / "fae.pt", Path(paths.decoder_run) / "decoder.pt",
-                                  device=device, attention=cfg.runtime.attention)
+    _, fae_path, decoder_path = default_paths(paths)
+    fae = FeatureAutoencoder.load(fae_path, decoder_path, device=device, attention=cfg.runtime.attention)
     index = read_index(paths.index)
     ids = schema.read_array(group, schema.SAMPLE_IDS, rows)
     recon = []
@@ -171,7 +172,7 @@ def run(cfg: Config) -> dict:
                                            cfg.data.decode_workers))
     result["reconstruction"] = reconstruction(cfg, group, enc, view, inception, device)
     meta = _read_samples_json(Path(paths.samples))
-    result["warnings"] = _warnings(result, meta, Path(paths.fae_run) / "fae.pt")
+    result["warnings"] = _warnings(result, meta, Path(paths.fae_run) / FAE_FILE)
     result["samples"] = _samples_meta(meta)
     result["wall_seconds"] = round(time.perf_counter() - t0, 3)
     out = Path(paths.metrics) / "eval.json"
@@ -204,10 +205,10 @@ def _warnings(result: dict, meta: dict | None, fae_path: Path) -> list[str]:
     if result["encoder"]["random_weights"]:
         notes.append("encoder weights are RANDOM: FD-DINOv2, precision/recall and rFD are not DINOv2 numbers")
     if meta and fae_path.is_file():
-        from fae_pipe.artifacts import file_fingerprint
+        from fae_pipe.artifacts import export_fingerprints
 
-        if meta.get("fae_fingerprint") != file_fingerprint(fae_path):
-            notes.append(f"the samples were decoded with another fae.pt than {fae_path} (used for reconstruction)")
+        if meta.get("fae_fingerprint") not in export_fingerprints(fae_path):
+            notes.append(f"the samples were decoded with another FAE export than {fae_path} (used for reconstruction)")
     for note in notes:
         print(f"evaluate: WARNING: {note}", file=sys.stderr)
     return notes

@@ -27,7 +27,7 @@ from fae_pipe.cache import schema
 from fae_pipe.config import Config
 from fae_pipe.device import pick_device
 from fae_pipe.errors import UserError
-from fae_pipe.fae.autoencoder import FeatureAutoencoder
+from fae_pipe.fae.autoencoder import FAE_FILE, FeatureAutoencoder
 from fae_pipe.fae.data import open_feature_store
 from fae_pipe.metrics.probe import fixed_split, linear_probe
 from fae_pipe.sampling.reference import read_view, reference_view, spread_rows
@@ -61,7 +61,7 @@ def run(cfg: Config) -> dict:
     if len(np.unique(labels)) < 2:
         raise UserError(f"{paths.features}: the probe needs samples of at least 2 classes; found "
                         f"{len(np.unique(labels))} among {len(rows)} valid samples")
-    fae = FeatureAutoencoder.load(Path(paths.fae_run) / "fae.pt", device=device, attention=cfg.runtime.attention)
+    fae = FeatureAutoencoder.load(Path(paths.fae_run) / FAE_FILE, device=device, attention=cfg.runtime.attention)
     view, view_name = reference_view(group)
     feats = pooled_features(group, fae, rows, view)
     train, test = fixed_split(len(rows), p.holdout_fraction, p.seed)

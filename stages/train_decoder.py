@@ -2,13 +2,13 @@
 
 Phase 1 (``decoder.phase: 1``) trains on noisy real features
 ``x + sigma * rms(token) * eps``; phase 2 fine-tunes the phase-1 decoder
-(``decoder_stage1.pt``, named as in earlier releases) on the frozen FAE's
+(``decoder_stage1.safetensors``) on the frozen FAE's
 reconstruction ``x_hat`` of the same features. Targets are the source images of the same sample ids, same crop and
 view (``fae_pipe.fae.data``). Loss and GAN schedule: ``fae_pipe.fae.objectives``.
 Resume, EMA, logs, checkpoints and the non-finite guard are the shared
 ``fae_pipe.training.Trainer``. Artefacts in
-``paths.decoder_run``: ``loss.csv``, ``eval.csv``, ``checkpoints/``, ``decoder.pt``
-(+ ``decoder_stage<N>.pt``), ``recon_grid.png``; ``<paths.metrics>/decoder.json``.
+``paths.decoder_run``: ``loss.csv``, ``eval.csv``, ``checkpoints/``, ``decoder.safetensors``
+(+ ``decoder_stage<N>.safetensors``), ``recon_grid.png``; ``<paths.metrics>/decoder.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fae_pipe.artifacts import atomic_torch_save, file_fingerprint
+from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.cache import schema
 from fae_pipe.config import Config
 from fae_pipe.data.index import read_index
@@ -27,11 +27,12 @@ from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import (
     DECODER_FILE,
-    DECODER_FORMAT,
     FAE_FILE,
     FeatureAutoencoder,
+    decoder_stage_file,
     load_decoder_file,
     load_fae_file,
+    save_decoder_file,
 )
 from fae_pipe.fae.data import PixelBatches, feature_split, open_feature_store, to_signed
 from fae_pipe.fae.evaluation import evaluate_decoder, load_eval_set
@@ -59,7 +60,7 @@ def build_decoder(cfg: Config, dim: int, grid, image_size: int):
 
 
 def load_stage2_inputs(cfg: Config, run_dir: Path, source: dict, device):
-    """Stage 2 needs the frozen FAE (fae.pt) and the stage-1 decoder to start from."""
+    """Stage 2 needs the frozen FAE (fae.safetensors) and the stage-1 decoder to start from."""
     fae_path = Path(cfg.paths.fae_run) / FAE_FILE
     if not fae_path.is_file():
         raise UserError(f"decoder.phase = 2 fine-tunes on the FAE's reconstructions: {fae_path} not found; "
@@ -69,7 +70,7 @@ def load_stage2_inputs(cfg: Config, run_dir: Path, source: dict, device):
         raise UserError(f"{fae_path} was trained on another feature store (config_hash {str(trained_on)[:12]}) than "
                         f"paths.features (config_hash {str(source['config_hash'])[:12]}): retrain the FAE on it")
     fae = FeatureAutoencoder.load(fae_path, device=device, attention=cfg.runtime.attention)
-    stage1 = run_dir / "decoder_stage1.pt"
+    stage1 = run_dir / decoder_stage_file(1)
     if not stage1.is_file():
         raise UserError(f"decoder.phase = 2 fine-tunes the stage-1 decoder: {stage1} not found; "
                         "run `fae-pipe train-decoder --set decoder.phase=1` first")
@@ -77,7 +78,7 @@ def load_stage2_inputs(cfg: Config, run_dir: Path, source: dict, device):
 
 
 def through_fae(cfg: Config, source: dict, pdec, eval_set, lpips_model, device) -> dict:
-    """Stage 1 only: the full FAE round trip features -> latent -> x_hat -> pixels, when fae.pt fits the store."""
+    """Stage 1 only: the full FAE round trip features -> latent -> x_hat -> pixels, when the FAE export fits the store."""
     fae_path = Path(cfg.paths.fae_run) / FAE_FILE
     if not fae_path.is_file():
         return {}
@@ -175,13 +176,13 @@ def run(cfg: Config, resume: str | None = None) -> dict:
 
     def save(summary: dict) -> Path:
         summary.update(stage=dc.phase, lpips_backbone=dc.lpips_backbone)
-        payload = {"format": DECODER_FORMAT, "model": name, "state_dict": run.weights().state_dict(),
+        payload = {"model": name, "state_dict": run.weights().state_dict(),
                    "discriminator": run.weights("discriminator").state_dict(), "stage": dc.phase,
                    "image_size": image_size, "grid": grid, "feature_dim": dim, "views": view_names,
                    "ema": run.ema is not None, "steps": t.steps, "config": cfg.to_dict(), "source_features": source,
                    "fae_fingerprint": fae_fp, "metrics": summary}
-        atomic_torch_save(payload, run_dir / f"decoder_stage{dc.phase}.pt")
-        atomic_torch_save(payload, run_dir / DECODER_FILE)
+        save_decoder_file(run_dir / decoder_stage_file(dc.phase), payload)
+        save_decoder_file(run_dir / DECODER_FILE, payload)
         return run_dir / DECODER_FILE
 
     m = run.metrics

@@ -5,7 +5,7 @@ Never opens an image and never builds DINOv2: batches of cached patch tokens
 ``L2(x_hat, x) + beta * KL`` (``fae_pipe.fae.objectives``). Resume, EMA, logs,
 checkpoints and the non-finite guard are the shared ``fae_pipe.training.Trainer``.
 Artefacts in ``paths.fae_run``: ``loss.csv``, ``eval.csv``, ``checkpoints/``, the export
-``fae.pt``; held-out numbers in ``<paths.metrics>/fae.json``.
+``fae.safetensors``; held-out numbers in ``<paths.metrics>/fae.json``.
 """
 
 from __future__ import annotations
@@ -49,16 +49,15 @@ def build_module(family: str, dim: int, grid) -> tuple[FeatureAutoencoderModule,
 
 def export(path: Path, weights: FeatureAutoencoderModule, names: dict, family: str, grid, dim: int, cfg: Config,
            source: dict, step: int, metrics: dict) -> None:
-    payload = {
+    groups = {"encoder": weights.encoder.state_dict(), "feature_decoder": weights.feature_decoder.state_dict()}
+    meta = {
         "format": FAE_FORMAT, "family": family, "models": names,
-        "encoder": weights.encoder.state_dict(), "feature_decoder": weights.feature_decoder.state_dict(),
         "grid": [int(grid[0]), int(grid[1])], "feature_dim": int(dim),
         "latent_channels": int(weights.encoder.latent_channels), "ema": cfg.fae.train.ema_decay > 0,
         "steps": int(step), "config": cfg.to_dict(), "source_features": source, "metrics": metrics,
     }
-    if not save_unless_same_weights(payload, path, ("format", "family", "models", "encoder", "feature_decoder",
-                                                     "grid", "feature_dim", "latent_channels", "steps",
-                                                     "source_features")):
+    if not save_unless_same_weights(path, groups, meta, ("format", "family", "models", "grid", "feature_dim",
+                                                         "latent_channels", "steps", "source_features")):
         print(f"{STAGE}: {path} already holds these weights: kept, so its fingerprint (and the latents, "
               "statistics and SiT checkpoints pinned to it) stay valid", file=sys.stderr)
 

@@ -6,7 +6,7 @@ runs an image encoder, so this stage reads ``latents.zarr`` (through
 encoder or decoder code. Resume, EMA, checkpoints, logging and the non-finite
 guard are the shared ``fae_pipe.training.Trainer``; this file is the step body.
 
-Artefacts (rank 0): ``<run>/loss.csv``, ``<run>/checkpoints/``, ``<run>/sit.pt``
+Artefacts (rank 0): ``<run>/loss.csv``, ``<run>/checkpoints/``, ``<run>/sit.safetensors``
 (the export for sampling), ``<metrics>/sit.json``; every rank writes
 ``<run>/ranks/rank-<r>.json`` (world size, samples seen, parameter checksum).
 """
@@ -21,7 +21,7 @@ from fae_pipe.data.latents import LatentBatches
 from fae_pipe.errors import UserError
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.models.registry import create_model, model_kwargs
-from fae_pipe.training.sit_export import save_sit_export
+from fae_pipe.training.sit_export import SIT_FILE, save_sit_export
 from fae_pipe.training.trainer import Trainer, cpu_state
 from fae_pipe.transport import shift_factor, training_loss
 
@@ -75,7 +75,7 @@ def run(cfg, resume: str | None = None) -> dict:
 
     # ---- save --------------------------------------------------------------------------------------------
     def export(summary: dict) -> Path:
-        path = Path(cfg.paths.sit_run) / "sit.pt"
+        path = Path(cfg.paths.sit_run) / SIT_FILE
         raw = run.accelerator.unwrap_model(model)
         save_sit_export(path, model_name=s.model, model_kwargs=kwargs, state_dict=cpu_state(raw),
                         ema_state_dict=None if run.ema is None else cpu_state(run.ema.model),

@@ -231,14 +231,14 @@ def test_closure_follows_lazy_and_string_imports():
     assert sit["fae_pipe.models.sit"] == "fae_pipe.models.registry"  # "fae_pipe.models.sit:SiT" builder
     assert "fae_pipe" in sit and "fae_pipe.stages" in sit and "fae_pipe.encoders" not in sit
     assert ("latents", None) in path_uses("fae_pipe.stages.sample")
-    assert ("fae_run", "fae.pt") in path_uses("fae_pipe.stages.encode")  # Path(..) / FAE_FILE
+    assert ("fae_run", "fae.safetensors") in path_uses("fae_pipe.stages.encode")  # Path(..) / FAE_FILE
 
 
 @pytest.mark.parametrize("stage, removed, expected", [
     ("encode", "pipeline/models/fae_encoder.py",
      "dvc.yaml stage 'encode' does not depend on pipeline/models/fae_encoder.py (imported via fae_pipe."),
-    ("encode", "${paths.fae_run}/fae.pt",
-     "dvc.yaml stage 'encode' does not depend on ${paths.fae_run}/fae.pt (paths.fae_run used in fae_pipe.stages.encode)"),
+    ("encode", "${paths.fae_run}/fae.safetensors",
+     "dvc.yaml stage 'encode' does not depend on ${paths.fae_run}/fae.safetensors (paths.fae_run used in fae_pipe.stages.encode)"),
     ("sample", "${paths.latents}",
      "dvc.yaml stage 'sample' does not depend on ${paths.latents} (paths.latents used in fae_pipe.stages.sample)"),
 ], ids=["encode-code", "encode-data", "sample-data"])

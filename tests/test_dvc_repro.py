@@ -57,7 +57,7 @@ def test_every_stage_leaves_its_artefacts(project):
     for store, kind in (("cache/features.zarr", "features"), ("cache/latents.zarr", "latents")):
         assert zarr.open_group(str(root / store), mode="r").attrs["kind"] == kind
         _run(["fae-pipe", "verify", store], root)
-    for f in ("runs/fae/fae.pt", "runs/decoder/decoder.pt", "runs/sit/sit.pt",
+    for f in ("runs/fae/fae.safetensors", "runs/decoder/decoder.safetensors", "runs/sit/sit.safetensors",
               "runs/fae/loss.csv", "runs/decoder/loss.csv", "runs/sit/loss.csv",
               "runs/decoder/recon_grid.png", "samples/grid.png"):
         assert (root / f).is_file() and (root / f).stat().st_size > 0, f
@@ -91,7 +91,7 @@ def _ran(out: str) -> set[str]:
 
 def test_a_code_edit_that_changes_no_weights_keeps_the_fae_and_everything_pinned_to_it(project):
     root, _ = project
-    fae = root / "runs/fae/fae.pt"
+    fae = root / "runs/fae/fae.safetensors"
     before = fae.read_bytes()
     with open(root / "pipeline/fae/losses.py", "a") as f:
         f.write("\n# an edit that changes no computation\n")
@@ -109,5 +109,5 @@ def test_exp_run_with_an_fae_setting_rebuilds_the_latents_and_retrains_sit(proje
     ran = _ran(_run(["dvc", "exp", "run", "-S", "fae.train.steps=10"], root))
     assert {"train-fae", "encode", "train-sit", "sample", "evaluate"} <= ran, ran
     latents = zarr.open_group(str(root / "cache/latents.zarr"), mode="r")
-    assert latents.attrs["fae_fingerprint"] == file_fingerprint(root / "runs/fae/fae.pt")
+    assert latents.attrs["fae_fingerprint"] == file_fingerprint(root / "runs/fae/fae.safetensors")
     assert json.loads((root / "metrics/fae.json").read_text())["steps"] == 10

@@ -62,7 +62,7 @@ def test_refuses_without_fae_checkpoint(tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", tmp_path))
     with pytest.raises(UserError) as err:
         encode.run(cfg)
-    assert str(tmp_path / "fae" / "fae.pt") in str(err.value) and "\n" not in str(err.value)
+    assert str(tmp_path / "fae" / "fae.safetensors") in str(err.value) and "\n" not in str(err.value)
 
 
 def test_interrupted_store_is_rebuilt_bit_identical(trained, tmp_path):
@@ -95,7 +95,7 @@ def test_statistics_are_exact_and_travel_with_the_checkpoint(trained):
     mean, std = np.array(group.attrs[schema.A_CHANNEL_MEAN]), np.array(group.attrs[schema.A_CHANNEL_STD])
     np.testing.assert_allclose(mean, lat.mean(axis=(0, 1, 3, 4)), rtol=0, atol=1e-12)
     np.testing.assert_allclose(std, lat.std(axis=(0, 1, 3, 4)), rtol=1e-12, atol=0)
-    fae_path = Path(cfg.paths.fae_run) / "fae.pt"
+    fae_path = Path(cfg.paths.fae_run) / "fae.safetensors"
     stats = LatentStats.from_store(root / "latents.zarr")
     assert list(stats.channel_mean) == group.attrs[schema.A_CHANNEL_MEAN]
     assert list(stats.channel_std) == group.attrs[schema.A_CHANNEL_STD]
@@ -111,7 +111,7 @@ def test_statistics_are_exact_and_travel_with_the_checkpoint(trained):
 
 def test_latents_decode_back_with_the_trained_cosine(trained):
     root, _, cfg = trained
-    fae = FeatureAutoencoder.load(Path(cfg.paths.fae_run) / "fae.pt", stats=LatentStats.from_store(root / "latents.zarr"))
+    fae = FeatureAutoencoder.load(Path(cfg.paths.fae_run) / "fae.safetensors", stats=LatentStats.from_store(root / "latents.zarr"))
     store = open_feature_store(cfg.paths.features)
     split = feature_split(store, cfg.paths.index)
     rows = np.flatnonzero(split.holdout)
@@ -137,7 +137,7 @@ def test_changed_settings_need_overwrite_and_task_pickles(trained, tmp_path):
     encode.run(changed, overwrite=True)
     group = zarr.open_group(str(tmp_path / "lat.zarr"))
     assert (np.asarray(group[schema.STD][:]) > 0).all()
-    task = EncodeTask(str(Path(cfg.paths.fae_run) / "fae.pt"), "fp", os.path.abspath(cfg.paths.features), 8,
+    task = EncodeTask(str(Path(cfg.paths.fae_run) / "fae.safetensors"), "fp", os.path.abspath(cfg.paths.features), 8,
                       "cpu", False)
     clone = pickle.loads(pickle.dumps(task))
     clone.setup()

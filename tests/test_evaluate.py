@@ -112,9 +112,9 @@ def test_refuses_an_encoder_other_than_the_stores(tiny):
 
 
 def test_random_encoder_weights_are_flagged(tmp_path):
-    notes = evaluate._warnings({"encoder": {"random_weights": True}}, None, tmp_path / "fae.pt")
+    notes = evaluate._warnings({"encoder": {"random_weights": True}}, None, tmp_path / "fae.safetensors")
     assert len(notes) == 1 and "RANDOM" in notes[0]
-    assert evaluate._warnings({"encoder": {"random_weights": False}}, None, tmp_path / "fae.pt") == []
+    assert evaluate._warnings({"encoder": {"random_weights": False}}, None, tmp_path / "fae.safetensors") == []
     flagged = {"num_generated": 2, "num_reference": 2, "fd_dinov2": 1.0, "fid": None, "inception_score": None,
                "precision": 1.0, "recall": 1.0, "reconstruction": {}, "encoder": {"random_weights": True},
                "wall_seconds": 1.0}

@@ -14,6 +14,7 @@ from fae_pipe.config import load_config
 from fae_pipe.data.index import read_index
 from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
+from fae_pipe.fae.autoencoder import load_decoder_file
 from fae_pipe.fae.data import PixelBatches, feature_split, open_feature_store
 from fae_pipe.stages import train_decoder, train_fae
 
@@ -75,7 +76,7 @@ def test_short_run_beats_the_mean_image_baseline(stage1):
         log = list(csv.DictReader(fh))
     assert len(log) == 30 and log[19]["gan"] == "" and log[20]["gan"] != "" and float(log[20]["d_weight"]) > 0
     assert Image.open(root / "decoder" / "recon_grid.png").size == (8 * 64, 4 * 64)
-    export = torch.load(root / "decoder" / "decoder.pt", weights_only=False)
+    export = load_decoder_file(root / "decoder" / "decoder.safetensors")
     assert export["model"] == "fae_tiny.pixel_decoder" and export["stage"] == 1 and export["image_size"] == 64
     assert export["ema"] is True
 
@@ -87,11 +88,11 @@ def test_resume_from_a_checkpoint_reproduces_the_run(stage1, tmp_path):
     for name in ("step-000000030.pt", "step-000000030.json"):
         (run / "checkpoints" / name).unlink()
     (run / "checkpoints" / "latest").write_text("step-000000020.pt\n")
-    (run / "decoder.pt").unlink()
+    (run / "decoder.safetensors").unlink()
     cfg = load_config(path, {"paths.decoder_run": str(run), "paths.metrics": str(tmp_path / "m")})
     train_decoder.run(cfg, resume="latest")  # steps 21-30: GAN on, discriminator state restored
-    a = torch.load(root / "decoder" / "decoder.pt", weights_only=False)
-    b = torch.load(run / "decoder.pt", weights_only=False)
+    a = load_decoder_file(root / "decoder" / "decoder.safetensors")
+    b = load_decoder_file(run / "decoder.safetensors")
     for key in ("state_dict", "discriminator"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert (root / "decoder" / "loss.csv").read_text() == (run / "loss.csv").read_text()
@@ -106,12 +107,12 @@ def test_stage2_fine_tunes_on_the_fae_reconstruction(stage1, tmp_path):
     with pytest.raises(UserError, match="train-fae"):
         train_decoder.run(cfg)
     train_fae.run(cfg)
-    with pytest.raises(UserError, match="decoder_stage1.pt"):
+    with pytest.raises(UserError, match="decoder_stage1.safetensors"):
         train_decoder.run(cfg)
     shutil.copytree(root / "decoder", tmp_path / "dec")
     train_decoder.run(cfg)
-    export = torch.load(tmp_path / "dec" / "decoder.pt", weights_only=False)
-    stage1_export = torch.load(tmp_path / "dec" / "decoder_stage1.pt", weights_only=False)
+    export = load_decoder_file(tmp_path / "dec" / "decoder.safetensors")
+    stage1_export = load_decoder_file(tmp_path / "dec" / "decoder_stage1.safetensors")
     assert export["stage"] == 2 and export["fae_fingerprint"].startswith("sha256:")
     assert stage1_export["stage"] == 1 and (tmp_path / "dec" / "loss_stage1.csv").is_file()
     assert not all(torch.equal(export["state_dict"][k], stage1_export["state_dict"][k]) for k in export["state_dict"])

@@ -17,6 +17,7 @@ from fae_pipe.cache import schema
 from fae_pipe.config import load_config
 from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
+from fae_pipe.fae.autoencoder import load_fae_file
 from fae_pipe.fae.objectives import adaptive_weight, discriminator_loss, feature_loss, generator_loss, noise_features
 from fae_pipe.models.fae_encoder import DiagonalGaussian
 from fae_pipe.stages import train_fae
@@ -88,7 +89,7 @@ def test_training_learns_and_writes_artefacts(data, tmp_path):
     split = feature_split(open_feature_store(cfg.paths.features), cfg.paths.index)
     assert metrics["cosine"] > max(COSINE_THRESHOLD, blind_cosine(cfg.paths.features, split) + 0.2)
     assert metrics["cosine"] > COSINE_THRESHOLD and metrics["eval_samples"] == 16 and metrics["steps"] == 40
-    export = torch.load(tmp_path / "run" / "fae.pt", weights_only=False)
+    export = load_fae_file(tmp_path / "run" / "fae.safetensors")
     assert export["models"] == {"encoder": "fae_tiny.encoder", "feature_decoder": "fae_tiny.feature_decoder"}
     assert export["source_features"]["config_hash"] == "synthetic-features-v1" and export["feature_dim"] == DIM
 
@@ -109,30 +110,37 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "cut" / "fae.pt").exists(), "the run finished before it could be killed"
+    assert not (tmp_path / "cut" / "fae.safetensors").exists(), "the run finished before it could be killed"
     cli("train-fae", "--config", str(cfg), "--resume")
-    a = torch.load(tmp_path / "ref" / "fae.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "fae.pt", weights_only=False)
+    a = load_fae_file(tmp_path / "ref" / "fae.safetensors")
+    b = load_fae_file(tmp_path / "cut" / "fae.safetensors")
     for part in ("encoder", "feature_decoder"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert rows(tmp_path / "ref" / "loss.csv") == rows(tmp_path / "cut" / "loss.csv")
-    before = (tmp_path / "ref" / "fae.pt").read_bytes()
+    before = (tmp_path / "ref" / "fae.safetensors").read_bytes()
     train_fae.run(load_config(ref_cfg), resume="latest")  # finished: trains nothing (as dvc repro after a code edit)
-    assert (tmp_path / "ref" / "fae.pt").read_bytes() == before  # same file, so its fingerprint still holds
+    assert (tmp_path / "ref" / "fae.safetensors").read_bytes() == before  # same file, so its fingerprint still holds
 
 
 def test_an_export_with_the_same_weights_is_not_rewritten(tmp_path):
+    from fae_pipe.artifacts import read_export
     from fae_pipe.fae.autoencoder import save_unless_same_weights
 
-    path = tmp_path / "m.pt"
-    assert save_unless_same_weights({"w": {"a": torch.ones(2)}, "wall": 1.0}, path, ("w",))
+    path = tmp_path / "m.safetensors"
+
+    def save(w, wall=None, grid=(4, 4)):
+        meta = {"format": "t", "grid": grid, **({} if wall is None else {"wall": wall})}
+        return save_unless_same_weights(path, {"w": {"a": w}}, meta, ("format", "grid"))
+
+    assert save(torch.ones(2), 1.0)
     first = path.read_bytes()
-    assert not save_unless_same_weights({"w": {"a": torch.ones(2)}, "wall": 2.0}, path, ("w",))
+    assert not save(torch.ones(2), 2.0)  # run-specific metadata only: kept
     assert path.read_bytes() == first
-    assert not save_unless_same_weights({"w": {"a": torch.ones(2)}}, path, ("w",))
-    assert save_unless_same_weights({"w": {"a": torch.tensor([1.0, 2.0])}, "wall": 3.0}, path, ("w",))
-    assert torch.load(path, weights_only=False)["wall"] == 3.0
-    assert save_unless_same_weights({"w": {"a": torch.tensor([1, 2])}, "wall": 4.0}, path, ("w",))  # dtype differs
+    assert not save(torch.ones(2))
+    assert save(torch.ones(2), 2.5, grid=(2, 8))  # identity metadata differs
+    assert save(torch.tensor([1.0, 2.0]), 3.0)
+    assert read_export(path)[1]["wall"] == 3.0
+    assert save(torch.tensor([1, 2]), 4.0)  # dtype differs
 
 
 def test_nan_in_the_data_stops_with_the_documented_message(data, tmp_path):
@@ -164,7 +172,7 @@ def test_nan_in_the_data_stops_with_the_documented_message(data, tmp_path):
     expected = (f"fae-pipe: error: train-fae: non-finite loss (nan) at step {step}; training stopped, last good "
                 f"checkpoint: {tmp_path / 'run' / 'checkpoints' / f'step-{last_good:09d}.pt'}")
     assert expected in proc.stderr
-    assert not (tmp_path / "run" / "fae.pt").exists()
+    assert not (tmp_path / "run" / "fae.safetensors").exists()
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / f"step-{last_good:09d}.pt")
     assert ck["step"] == last_good and all(torch.isfinite(v).all() for v in ck["models"]["model"].values())
     with pytest.raises(UserError, match="non-finite loss"):

@@ -45,7 +45,7 @@ def loss_rows(run: Path) -> list[dict]:
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
-    ea, eb = torch.load(a / "sit.pt", weights_only=False), torch.load(b / "sit.pt", weights_only=False)
+    ea, eb = load_sit_export(a / "sit.safetensors"), load_sit_export(b / "sit.safetensors")
     for key in ("state_dict", "ema_state_dict"):
         assert ea[key].keys() == eb[key].keys()
         assert all(torch.equal(ea[key][k], eb[key][k]) for k in ea[key]), key
@@ -99,7 +99,7 @@ def test_artefacts(reference):
     metrics = json.loads((tmp / "metrics-ref" / "sit.json").read_text())
     assert metrics["steps"] == STEPS and metrics["world_size"] == 1
     assert metrics["final_loss"] == pytest.approx(np.mean([float(r["loss"]) for r in rows]))
-    export = load_sit_export(run / "sit.pt")
+    export = load_sit_export(run / "sit.safetensors")
     group = zarr.open_group(str(store), mode="r")
     assert export["latent_stats"]["channel_mean"] == group.attrs["channel_mean"]
     assert export["fae_fingerprint"] == "sha256:test" and export["latent_shape"] == [4, 4, 4]

@@ -13,6 +13,7 @@ import yaml
 
 from fae_pipe.models.registry import create_model
 from fae_pipe.training.logs import parameter_checksum
+from fae_pipe.training.sit_export import load_sit_export
 from test_sharded_loader import make_latent_store
 
 pytestmark = pytest.mark.slow  # real subprocess runs: minutes, not seconds
@@ -51,7 +52,7 @@ def test_two_cpu_processes_take_part_and_stay_identical(tmp_path):
 
     metrics = json.loads((tmp_path / "metrics" / "sit.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3
-    export = torch.load(tmp_path / "run" / "sit.pt", weights_only=False)
+    export = load_sit_export(tmp_path / "run" / "sit.safetensors")
     model = create_model(export["model_name"], **export["model_kwargs"])
     model.load_state_dict(export["state_dict"])
     assert parameter_checksum(model) == records[0]["param_sha256"]

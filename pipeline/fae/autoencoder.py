@@ -1,14 +1,20 @@
 """The trained FAE: its exported files, the trainable encoder + feature decoder pair, and the frozen
 object behind ``encode()`` / ``decode()``.
 
-Files (every loader checks the ``format`` tag and names the file in its error):
-- ``fae.pt``: encoder + feature decoder weights (EMA when enabled), the registry
-  names to rebuild them, the token grid, the config and the fingerprint of the
+Files: one safetensors file each (``fae_pipe.artifacts.save_export``), readable
+with ``safetensors`` + ``json`` alone; every loader checks the ``format`` tag and
+names the file in its error, and none unpickles:
+- ``fae.safetensors``: tensors ``encoder/*`` and ``feature_decoder/*`` (EMA weights
+  when enabled); metadata ``__metadata__["fae_pipe"]`` (JSON): format, registry names
+  to rebuild them, the token grid, dims, the config and the fingerprint of the
   feature store they were trained on. Written by ``train-fae``.
-- ``decoder.pt`` (decoder run directory): pixel decoder weights. Written by
-  ``train-decoder``.
+- ``decoder.safetensors`` (decoder run directory): tensors ``state_dict/*`` (pixel
+  decoder) and ``discriminator/*``; metadata as above. Written by ``train-decoder``.
+``load_fae_file`` / ``load_decoder_file`` return the same dicts the pickled
+``fae.pt`` / ``decoder.pt`` of earlier releases held (those convert once with
+``fae-pipe convert-export``).
 The latent statistics are not a file here: the latent store's attrs own them and
-``sit.pt`` carries a copy (``fae_pipe.cache.latent_stats.LatentStats``).
+``sit.safetensors`` carries a copy (``fae_pipe.cache.latent_stats.LatentStats``).
 
 ``FeatureAutoencoderModule`` is the pair as one ``nn.Module`` for training (so
 Accelerate/DDP wraps and syncs both in one forward); ``FeatureAutoencoder`` is
@@ -26,55 +32,91 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fae_pipe.artifacts import atomic_torch_save, load_payload
+from fae_pipe.artifacts import load_export, read_export, save_export
 from fae_pipe.cache.latent_stats import LatentStats
 from fae_pipe.errors import UserError
 from fae_pipe.models.fae_encoder import DiagonalGaussian
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.models.registry import create_model
 
-FAE_FORMAT = "fae-pipe/fae-v1"
-DECODER_FORMAT = "fae-pipe/pixel-decoder-v1"
-FAE_FILE = "fae.pt"
-DECODER_FILE = "decoder.pt"
+FAE_FORMAT = "fae-pipe/fae-v2"
+DECODER_FORMAT = "fae-pipe/pixel-decoder-v2"
+FAE_FILE = "fae.safetensors"
+DECODER_FILE = "decoder.safetensors"
+FAE_GROUPS = ("encoder", "feature_decoder")  # the tensor groups of fae.safetensors
+DECODER_GROUPS = ("state_dict", "discriminator")  # ... and of decoder.safetensors
 
 
-def save_unless_same_weights(payload: dict, path: str | Path, weight_keys: tuple[str, ...]) -> bool:
-    """Write ``payload`` unless ``path`` already holds the same weights; True when written.
+def decoder_stage_file(phase: int) -> str:
+    """The per-phase copy of the pixel decoder export (phase 2 starts from phase 1's)."""
+    return f"decoder_stage{int(phase)}.safetensors"
 
+
+def split_payload(payload: dict, group_keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """An export dict -> (tensor groups, JSON metadata): the inverse of ``{**meta, **groups}``."""
+    groups = {k: payload.get(k) for k in group_keys if k in payload}
+    return groups, {k: v for k, v in payload.items() if k not in group_keys}
+
+
+def save_fae_file(path: str | Path, payload: dict) -> Path:
+    """Write a ``fae.safetensors`` from the export dict (``format`` = ``FAE_FORMAT``)."""
+    return save_export(path, *split_payload({**payload, "format": FAE_FORMAT}, FAE_GROUPS))
+
+
+def save_decoder_file(path: str | Path, payload: dict) -> Path:
+    """Write a ``decoder.safetensors`` from the export dict (``format`` = ``DECODER_FORMAT``)."""
+    return save_export(path, *split_payload({**payload, "format": DECODER_FORMAT}, DECODER_GROUPS))
+
+
+def save_unless_same_weights(path: str | Path, groups: dict, meta: dict, identity_keys: tuple[str, ...]) -> bool:
+    """Write the export ``groups`` + ``meta`` unless ``path`` already holds the same; True when written.
+
+    "The same": every tensor equal (dtype included) and ``meta`` equal on ``identity_keys``.
     Why: downstream artefacts pin an export by its sha256 (the latent store's config
-    hash, its ``fae_fingerprint`` attr, every SiT checkpoint). A re-run that trains nothing,
+    hash, its ``fae_fingerprint`` attr, every SiT export). A re-run that trains nothing,
     e.g. ``dvc repro`` after a code change resuming a finished run, must not give the
     same model a new fingerprint through run-specific fields such as wall time.
     """
     path = Path(path)
     if path.is_file():
         try:
-            old = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # unreadable: replace it
-            old = None
-        if isinstance(old, dict) and all(_same(old.get(k), payload[k]) for k in weight_keys):
+            old_groups, old_meta = read_export(path)
+        except Exception:  # noqa: BLE001 - unreadable (or an old pickle, never unpickled here): replace it
+            old_groups, old_meta = None, None
+        new_groups = {g: s for g, s in groups.items() if s is not None}
+        if (old_groups is not None and _same(old_groups, new_groups)
+                and all(_same(old_meta.get(k), _as_json(meta.get(k))) for k in identity_keys)):
             return False
-    atomic_torch_save(payload, path)
+    save_export(path, groups, meta)
     return True
+
+
+def _as_json(value):
+    """``value`` as it reads back from the export's JSON (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(value))
 
 
 def _same(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a.cpu(), b.cpu()))
     return a == b
 
 
 def load_fae_file(path: str | Path) -> dict:
-    """The ``fae.pt`` payload (validated format)."""
-    return load_payload(path, FAE_FORMAT, "train-fae")
+    """The ``fae.safetensors`` export as one dict (metadata + ``encoder`` / ``feature_decoder`` state dicts)."""
+    groups, meta = load_export(path, FAE_FORMAT, "train-fae", what="FAE export")
+    return {**meta, **{g: groups.get(g, {}) for g in FAE_GROUPS}}
 
 
 def load_decoder_file(path: str | Path) -> dict:
-    """The ``decoder.pt`` payload (validated format)."""
-    return load_payload(path, DECODER_FORMAT, "train-decoder")
+    """The ``decoder.safetensors`` export as one dict (metadata + ``state_dict`` / ``discriminator``)."""
+    groups, meta = load_export(path, DECODER_FORMAT, "train-decoder", what="pixel decoder export")
+    return {**meta, **{g: groups[g] for g in DECODER_GROUPS if g in groups}}
 
 
 class FeatureAutoencoderModule(nn.Module):
@@ -119,7 +161,7 @@ class FeatureAutoencoder:
     Two spaces, two pairs of calls, no flag:
     - ``encode`` / ``decode``: the unit-scale latents generators are trained on and
       sample, ``(z - mean_c) / std_c`` with ``stats`` (a ``LatentStats``: from the
-      latent store's attrs, or the copy ``sit.pt`` carries);
+      latent store's attrs, or the copy ``sit.safetensors`` carries);
     - ``encode_raw`` / ``decode_raw`` / ``reconstruct``: raw posterior means, what
       ``latents.zarr`` stores; no statistics needed.
 
@@ -142,7 +184,7 @@ class FeatureAutoencoder:
     @classmethod
     def load(cls, fae_path: str | Path, decoder_path: str | Path | None = None, stats: LatentStats | None = None,
              device: torch.device | str = "cpu", attention: str = "sdpa") -> FeatureAutoencoder:
-        """Load ``fae.pt`` (+ ``decoder.pt``); ``stats`` enables the normalised calls."""
+        """Load ``fae.safetensors`` (+ ``decoder.safetensors``); ``stats`` enables the normalised calls."""
         payload = load_fae_file(fae_path)
         enc = build_frozen(payload["models"]["encoder"], payload["encoder"], device)
         fdec = build_frozen(payload["models"]["feature_decoder"], payload["feature_decoder"], device)
@@ -200,7 +242,7 @@ class FeatureAutoencoder:
     def features_to_pixels(self, features: torch.Tensor) -> torch.Tensor:
         """Features (B, N, D) -> images (B, 3, H, W) in [0, 1] through the pixel decoder."""
         if self.pixel_decoder is None:
-            raise UserError("no pixel decoder loaded: pass the decoder.pt written by `fae-pipe train-decoder`")
+            raise UserError("no pixel decoder loaded: pass the decoder.safetensors written by `fae-pipe train-decoder`")
         return pixels_to_unit(self.pixel_decoder(features.to(self.device, torch.float32)))
 
 

@@ -1,11 +1,12 @@
 """Class labels -> uint8 images: the trained SiT, the latent statistics it was trained with, the FAE decoders.
 
-Why one object: a sample is only right when four files agree. ``sit.pt`` holds the
-network and the per-channel statistics of the latents it learned; ``fae.pt`` holds
+Why one object: a sample is only right when four files agree. ``sit.safetensors`` holds the
+network and the per-channel statistics of the latents it learned; ``fae.safetensors`` holds
 the feature decoder that turns de-normalised latents back into encoder features;
-``decoder.pt`` turns features into pixels. ``ImageGenerator.load`` checks that the
-SiT was trained on latents of this very ``fae.pt`` (sha256 recorded by ``encode``
-and carried through ``train-sit``) and that the shapes fit, and refuses otherwise,
+``decoder.safetensors`` turns features into pixels. ``ImageGenerator.load`` checks that the
+SiT was trained on latents of this very FAE export (sha256 recorded by ``encode``
+and carried through ``train-sit``; an export made by ``convert-export`` also answers
+to the sha256 of the pickled file it came from) and that the shapes fit, and refuses otherwise,
 so a retrained FAE can never silently decode an old SiT's latents.
 
 Path of one batch: noise (t = 1) -> sampler (``fae_pipe.transport.sample``, shift
@@ -22,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fae_pipe.artifacts import file_fingerprint
+from fae_pipe.artifacts import export_fingerprints, file_fingerprint
 from fae_pipe.cache.latent_stats import LatentStats
 from fae_pipe.errors import UserError
-from fae_pipe.fae.autoencoder import FeatureAutoencoder
+from fae_pipe.fae.autoencoder import DECODER_FILE, FAE_FILE, FeatureAutoencoder
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.sampling.plan import batch_generator, sample_noise
-from fae_pipe.training.sit_export import build_sit_from_export, load_sit_export
+from fae_pipe.training.sit_export import SIT_FILE, build_sit_from_export, load_sit_export
 from fae_pipe.transport import as_schedule, sample
 
 
@@ -39,14 +40,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def check_fae_match(export: dict, sit_path, fae_path) -> None:
-    """Refuse a SiT whose latents came from another ``fae.pt`` (one-line error)."""
+    """Refuse a SiT whose latents came from another FAE export (one-line error)."""
     expected = export.get("fae_fingerprint")
     actual = file_fingerprint(fae_path)
     if expected is None:
         print(f"sample: warning: {sit_path} records no FAE fingerprint; cannot check it matches {fae_path}",
               file=sys.stderr)
         return
-    if expected != actual:
+    if expected not in export_fingerprints(fae_path):
         raise UserError(f"{sit_path} was trained on latents of another FAE ({expected[:19]}...) than {fae_path} "
                         f"({actual[:19]}...): point paths.fae_run at that FAE or re-run encode + train-sit")
 
@@ -70,7 +71,7 @@ class ImageGenerator:
     @classmethod
     def load(cls, sit_path, fae_path, decoder_path, use_ema: bool = True,
              device: torch.device | str = "cpu", attention: str = "sdpa") -> "ImageGenerator":
-        """Load and cross-check ``sit.pt``, ``fae.pt`` and ``decoder.pt``.
+        """Load and cross-check ``sit.safetensors``, ``fae.safetensors`` and ``decoder.safetensors``.
 
         ``attention`` is the attention kernel of every model ("sdpa" or "xformers", the
         ``runtime.attention`` setting; see ``fae_pipe.models.layers.attention``).
@@ -114,5 +115,5 @@ class ImageGenerator:
 
 
 def default_paths(paths) -> tuple[Path, Path, Path]:
-    """``sit.pt``, ``fae.pt`` and ``decoder.pt`` inside the configured run directories."""
-    return Path(paths.sit_run) / "sit.pt", Path(paths.fae_run) / "fae.pt", Path(paths.decoder_run) / "decoder.pt"
+    """``sit.safetensors``, ``fae.safetensors`` and ``decoder.safetensors`` inside the configured run directories."""
+    return Path(paths.sit_run) / SIT_FILE, Path(paths.fae_run) / FAE_FILE, Path(paths.decoder_run) / DECODER_FILE

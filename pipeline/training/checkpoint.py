@@ -1,10 +1,12 @@
 """The training checkpoint format, and which checkpoint a run continues from.
 
-A checkpoint is a plain dict saved with ``torch.save`` to
+A checkpoint is a dict of tensors and plain types (str, int, float, bool, None,
+lists, tuples, dicts) saved with ``torch.save`` and loaded with
+``weights_only=True``, so loading one never runs code; it goes to
 ``<run>/checkpoints/step-<9 digits>.pt``: ``step``, ``models`` (name -> state
 dict), ``ema`` (name -> state dict, for the models that keep one),
 ``optimizers`` and ``schedulers`` (name -> state dict), ``rng``
-(torch/CUDA/numpy/python states), ``config`` (the resolved config dict) and
+(torch/CUDA/numpy/python states as tensors and lists, ``capture_rng``), ``config`` (the resolved config dict) and
 ``extra`` (what the stage needs to refuse a mismatching resume: model names,
 latent statistics, fingerprints). A JSON sidecar holds step + config so
 ``--resume auto`` decides without unpickling, and ``checkpoints/latest`` names
@@ -38,16 +40,31 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def capture_rng() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The global RNG states as tensors and plain types, so checkpoints load with ``weights_only=True``.
+
+    numpy's ``get_state()`` tuple becomes a dict with its key array as a uint32
+    tensor; python's ``random.getstate()`` becomes a list of ints.
+    """
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "key": torch.from_numpy(np.asarray(key, np.uint32).copy()),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+             "python": {"version": int(version), "internal": [int(v) for v in internal],
+                        "gauss_next": None if gauss_next is None else float(gauss_next)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: dict) -> None:
+    """Set the global RNG states from ``capture_rng()``'s dict."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
+    p = state["python"]
+    random.setstate((int(p["version"]), tuple(int(v) for v in p["internal"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -138,7 +155,11 @@ def resolve_resume(run_dir: str | Path, resume: str | None, section: str | None 
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint written by ``save_checkpoint``; anything else is a one-line error."""
+    """Load a checkpoint written by ``save_checkpoint``; anything else is a one-line error.
+
+    ``weights_only=True``: a file holding anything but tensors and plain types (a crafted
+    pickle, or a checkpoint of a release that pickled numpy RNG state) is refused unread.
+    """
     ck = load_payload(path, None, "train-*", what="checkpoint")
     missing = [k for k in ("step", "models", "optimizers", "schedulers", "rng") if k not in ck]
     if missing:

@@ -1,4 +1,4 @@
-"""``sit.pt``: the one file the sampling stage needs from a SiT run.
+"""``sit.safetensors``: the one file the sampling stage needs from a SiT run.
 
 Why a format of its own (not a checkpoint): sampling must rebuild the exact
 network and undo the exact latent normalisation it was trained with, without the
@@ -6,6 +6,12 @@ optimizer state or the run directory. So the export holds the registry name and
 full kwargs, raw and EMA weights, the latent store's per-channel statistics and
 FAE fingerprint (to refuse decoding with a different FAE), the transport settings
 and the resolved config. Written atomically; read back with ``load_sit_export``.
+
+Layout (``fae_pipe.artifacts.save_export``): one safetensors file, tensors
+``state_dict/*`` and ``ema_state_dict/*`` (absent when EMA is off), every other
+field one JSON document in ``__metadata__["fae_pipe"]``; nothing is unpickled on
+load. A pickled ``sit.pt`` of earlier releases converts once with
+``fae-pipe convert-export``.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from fae_pipe.artifacts import atomic_torch_save, load_payload
+from fae_pipe.artifacts import load_export, save_export
 from fae_pipe.errors import UserError
 
 FORMAT = "fae-pipe/sit-export"
-VERSION = 1
+VERSION = 2  # 1: the pickled sit.pt of earlier releases
+SIT_FILE = "sit.safetensors"
+GROUPS = ("state_dict", "ema_state_dict")
 REQUIRED = ("model_name", "model_kwargs", "state_dict", "ema_state_dict", "latent_stats", "fae_fingerprint",
             "num_classes", "latent_shape", "transport", "config", "step")
 
@@ -28,16 +36,18 @@ def save_sit_export(path: str | Path, **fields) -> Path:
     missing = [k for k in REQUIRED if k not in fields]
     if missing:
         raise ValueError(f"sit export is missing {missing}")
-    return atomic_torch_save({"format": FORMAT, "version": VERSION, **fields}, path)
+    groups = {k: fields[k] for k in GROUPS}
+    meta = {"format": FORMAT, "version": VERSION, **{k: v for k, v in fields.items() if k not in GROUPS}}
+    return save_export(path, groups, meta)
 
 
 def load_sit_export(path: str | Path) -> dict:
     """Read and check an export written by ``save_sit_export``."""
     p = Path(path)
-    payload = load_payload(p, FORMAT, "train-sit", what="SiT export")
-    if payload.get("version") != VERSION:
-        raise UserError(f"SiT export '{p}' has version {payload.get('version')!r}; this fae-pipe reads {VERSION}")
-    return payload
+    groups, meta = load_export(p, FORMAT, "train-sit", what="SiT export")
+    if meta.get("version") != VERSION:
+        raise UserError(f"SiT export '{p}' has version {meta.get('version')!r}; this fae-pipe reads {VERSION}")
+    return {**meta, **{k: groups.get(k) for k in GROUPS}}
 
 
 def build_sit_from_export(payload: dict, use_ema: bool = True) -> torch.nn.Module:
