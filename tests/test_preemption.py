@@ -176,7 +176,7 @@ def test_sigterm_stops_at_a_step_with_its_checkpoint_and_resumes_exactly(sit, ca
     step = stop_step(stderr)
     assert 2 <= step < STEPS
     assert (run / "checkpoints" / f"step-{step:09d}.pt").exists() and not (run / ".lock").exists()
-    assert not (run / "sit.pt").exists()
+    assert not (run / "sit.safetensors").exists()
     resumed = train_sit(cfg, "--resume", "auto")
     assert resumed.returncode == 0 and f"resuming from {run / 'checkpoints'}" in resumed.stderr, resumed.stderr[-2000:]
     assert loss_rows(run) == loss_rows(ref)
