@@ -109,7 +109,7 @@ def test_stage2_fine_tunes_on_the_fae_reconstruction(stage1, tmp_path):
     train_fae.run(cfg)
     with pytest.raises(UserError, match="decoder_stage1.safetensors"):
         train_decoder.run(cfg)
-    shutil.copytree(root / "decoder", tmp_path / "dec")
+    shutil.copytree(root / "decoder", tmp_path / "dec", dirs_exist_ok=True)  # the refused run left dec/ (its lock dir)
     train_decoder.run(cfg)
     export = load_decoder_file(tmp_path / "dec" / "decoder.safetensors")
     stage1_export = load_decoder_file(tmp_path / "dec" / "decoder_stage1.safetensors")
