@@ -361,3 +361,22 @@ def test_demo_images_onto_a_full_disk_is_one_line(tmp_path, small_fs, capsys):
     code, _, err = run_cli(capsys, "prepare", "--config", str(cfg))
     line = one_line(code, err)
     assert line.startswith("fae-pipe: error: cannot write ") and "no space left on device" in line, line
+
+
+def test_encode_on_a_full_disk_stops_in_one_line_and_the_same_command_finishes(tiny, tmp_path, small_fs, capsys):
+    """Latents on a 40 KiB tmpfs: encode stops in one line; with space, the same command gives the tiny build's bits."""
+    fs = small_fs(40 << 10)
+    store = fs / "latents.zarr"
+    cfg = copy_config(tiny, tmp_path, latents=store)
+    code, _, err = run_cli(capsys, "encode", "--config", str(cfg))
+    line = one_line(code, err)
+    assert line.startswith(f"fae-pipe: error: cannot write {store}/") and "no space left on device" in line, line
+    assert zarr.open_group(str(store), mode="r").attrs.get("complete") is not True
+    small_fs.remount(fs, "size=8m")
+    code, _, err = run_cli(capsys, "encode", "--config", str(cfg))
+    assert code == 0, err
+    names = ("latents", "labels", "sample_ids", "valid")
+    got, ref = zarr.open_group(str(store), mode="r"), zarr.open_group(str(tiny.parent / "latents.zarr"), mode="r")
+    assert got.attrs["complete"] is True
+    for n in names:
+        assert np.array_equal(np.asarray(got[n][:]).view(np.uint8), np.asarray(ref[n][:]).view(np.uint8)), n
