@@ -260,3 +260,14 @@ def test_a_real_trainer_checkpoint_loads_with_weights_only_and_resumes(tmp_path)
     assert again.start == 2
     assert all(torch.equal(restored.state_dict()[k], v) for k, v in ck["models"]["model"].items())
     assert again.scheduler.state_dict()["last_epoch"] == ck["schedulers"]["model"]["last_epoch"]
+
+
+def test_a_checkpoint_with_pickled_numpy_rng_state_is_refused_with_the_way_out(tmp_path):
+    """Checkpoints of earlier releases held ``np.random.get_state()`` (a numpy array): not loadable safely."""
+    path = tmp_path / "step-000000002.pt"
+    torch.save({"step": 2, "models": {}, "optimizers": {}, "schedulers": {},
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
+               path)
+    with pytest.raises(UserError, match="start a fresh run without --resume") as e:
+        load_checkpoint(path)
+    assert "refused" in str(e.value) and "\n" not in str(e.value)

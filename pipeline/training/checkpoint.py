@@ -160,7 +160,13 @@ def load_checkpoint(path: str | Path) -> dict:
     ``weights_only=True``: a file holding anything but tensors and plain types (a crafted
     pickle, or a checkpoint of a release that pickled numpy RNG state) is refused unread.
     """
-    ck = load_payload(path, None, "train-*", what="checkpoint")
+    try:
+        ck = load_payload(path, None, "train-*", what="checkpoint")
+    except UserError as e:
+        if "refused" not in str(e):
+            raise
+        raise UserError(f"{e} (a checkpoint of a release before safe loading, which pickled numpy RNG "
+                        "state, is refused too: start a fresh run without --resume)") from None
     missing = [k for k in ("step", "models", "optimizers", "schedulers", "rng") if k not in ck]
     if missing:
         raise UserError(f"checkpoint '{path}' lacks {', '.join(missing)}: it was written by another fae-pipe "
