@@ -6,7 +6,7 @@ with (LightningDiT users lost FID to a forgotten stats file). So:
 - the source is the latent store's attrs (``channel_mean``, ``channel_std``,
   ``fae_fingerprint``), written by ``encode`` from exact float64 moments;
 - ``LatentStats`` is the one object that travels: training reads it from the
-  store, checkpoints and ``sit.pt`` carry its ``to_dict()`` copy, and sampling
+  store, checkpoints and ``sit.safetensors`` carry its ``to_dict()`` copy, and sampling
   rebuilds it with ``from_dict`` — no side file, nothing to lose;
 - ``normalize``/``denormalize`` are the one implementation of
   ``(z - mean_c) / std_c`` and its inverse, for every caller.
@@ -67,7 +67,7 @@ class LatentStats:
         return out
 
     def to_dict(self) -> dict:
-        """The copy that checkpoints and ``sit.pt`` carry (the ``latent_stats`` field)."""
+        """The copy that checkpoints and ``sit.safetensors`` carry (the ``latent_stats`` field)."""
         return {"channel_mean": list(self.channel_mean), "channel_std": list(self.channel_std),
                 "fae_fingerprint": self.fae_fingerprint}
 

@@ -2,7 +2,7 @@
 
 The statistics are the store's (``fae_pipe.cache.latent_stats.LatentStats``, read
 from its attrs; a store without them is refused) and travel on, as one object, into
-every checkpoint and ``sit.pt``. Any zarr group with a ``latents`` array shaped
+every checkpoint and ``sit.safetensors``. Any zarr group with a ``latents`` array shaped
 (sample, view, channel, height, width), ``labels`` and the two attrs works, not only
 stores written by ``encode``.
 """
