@@ -180,7 +180,9 @@ def save_export(path: str | Path, groups: dict, meta: dict) -> Path:
 def _pickled(path: Path) -> bool:
     """A ``torch.save`` file (zip or legacy pickle), by its first bytes."""
     with open(path, "rb") as fh:
-        head = fh.read(4)
+        head = fh.read(9)
+    if head[8:9] == b"{":  # safetensors: a little-endian u64 header length (its first byte may be 0x80), then JSON
+        return False
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
@@ -300,13 +302,17 @@ class DirLock:
         self.held = False
 
     def _try_create(self) -> bool:
+        """Create the lock with its content in one step: a hard link of a written temp file
+        (fails if the lock exists), so a writer killed at any instant never leaves an empty lock."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def acquire(self) -> "DirLock":

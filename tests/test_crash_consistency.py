@@ -1,0 +1,106 @@
+"""Crash consistency: SIGKILL extract and train-sit at many random instants, resume each time, compare bit for bit.
+
+Every kill is followed by the plain resume a user (or ``dvc repro``) would run: the
+same ``extract`` command, ``train-sit --resume auto``. Kills land during start-up,
+model building, shard or step computation and checkpoint/record writes; the lock a
+killed run leaves is taken over. The final store / weights and loss.csv must equal an
+uninterrupted run's. The instants come from ``FAE_CRASH_SEED`` (default 0) so a
+failure can be replayed; ``FAE_CRASH_KILLS`` sets the kills per stage (default 5).
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers_extract import assert_same_arrays, cli, popen, prepare_tiny, read_arrays
+from test_sharded_loader import make_latent_store
+from test_train_sit import ENV, assert_same_weights, loss_rows, write_config
+
+pytestmark = pytest.mark.slow
+
+SEED = int(os.environ.get("FAE_CRASH_SEED", "0"))
+KILLS = int(os.environ.get("FAE_CRASH_KILLS", "5"))
+
+
+def kill_at(proc: subprocess.Popen, seconds: float, started=None) -> bool:
+    """SIGKILL ``proc`` ``seconds`` after ``started()`` first holds (default: now); False if it ended first."""
+    deadline = time.monotonic() + 300
+    while started is not None and not started():
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    proc.kill()
+    proc.communicate()
+    return True
+
+
+def test_train_sit_killed_at_random_instants_resumes_bit_identically(tmp_path):
+    rng = random.Random(SEED)
+    store = tmp_path / "latents.zarr"
+    make_latent_store(store, n=48)
+    train = {"steps": 60, "checkpoint_every": 3, "keep_last": 2}
+    ref = subprocess.run([sys.executable, "-m", "fae_pipe.cli", "train-sit", "--config",
+                          str(write_config(tmp_path, store, "ref", **train))], env=ENV, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    cfg = write_config(tmp_path, store, "crash", **train)
+    run = tmp_path / "crash"
+    args = [sys.executable, "-m", "fae_pipe.cli", "train-sit", "--config", str(cfg), "--resume", "auto"]
+    landed = []
+    for i in range(KILLS):
+        proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if i % 2 == 0:  # anywhere from start-up on
+            delay, started = rng.uniform(0.0, 6.0), None
+        else:  # inside the training loop (steps, log rows, checkpoint writes)
+            delay, started = rng.uniform(0.0, 1.5), (lambda: (run / "loss.csv").exists())
+        if kill_at(proc, delay, started):
+            landed.append(round(delay, 3))
+        else:
+            assert proc.returncode == 0, proc.communicate()[1][-2000:]
+            break
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (landed, done.stderr[-2000:])
+    print(f"kills landed at {landed} s")
+    assert landed, "no kill landed mid-run"
+    assert loss_rows(run) == loss_rows(tmp_path / "ref"), landed
+    assert_same_weights(run, tmp_path / "ref")
+    assert not (run / ".lock").exists()
+
+
+def test_extract_killed_at_random_instants_resumes_bit_identically(tmp_path):
+    rng = random.Random(SEED + 1)
+    prepare_tiny(tmp_path)
+    ref = cli(tmp_path, "extract", "--config", "tiny.yaml")
+    assert ref.returncode == 0, ref.stderr
+    store = tmp_path / "cache/crash.zarr"
+    args = ("extract", "--config", "tiny.yaml", "--set", "paths.features=cache/crash.zarr", "--shards", "3",
+            "--set", "data.decode_workers=0")
+    landed = []
+    for i in range(KILLS):
+        proc = popen(tmp_path, *args)
+        if i % 2 == 0:
+            delay, started = rng.uniform(0.0, 8.0), None
+        else:  # once the store exists: shard computation, shard and record writes
+            delay, started = rng.uniform(0.0, 2.0), (lambda: (store / "zarr.json").exists())
+        if kill_at(proc, delay, started):
+            landed.append(round(delay, 3))
+        else:
+            assert proc.returncode == 0, proc.communicate()[1][-2000:]
+            break
+    done = cli(tmp_path, *args)
+    assert done.returncode == 0, (landed, done.stderr[-2000:])
+    print(f"kills landed at {landed} s")
+    assert landed, "no kill landed mid-run"
+    assert_same_arrays(read_arrays(store), read_arrays(tmp_path / "cache/features.zarr"))
+    assert not (store / ".fae/lock").exists()
