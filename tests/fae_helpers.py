@@ -90,11 +90,10 @@ def make_feature_store(path: Path, index, z: np.ndarray, shard_samples: int = 16
         path, n, 2, grid * grid, DIM, (grid, grid), shard_samples, chunk_samples,
         {schema.A_DATASET_FINGERPRINT: index.fingerprint, schema.A_VIEWS: ["orig", "flip"],
          schema.A_IMAGE_SIZE: IMAGE, schema.A_NUM_CLASSES: index.num_classes, schema.A_ENCODER: "synthetic"})
-    group[schema.FEATURES][:] = feats
-    group[schema.CLS][:] = feats.mean(axis=2)
-    group[schema.LABELS][:] = index.labels
-    group[schema.SAMPLE_IDS][:] = np.arange(n)
-    group[schema.VALID][:] = True
+    arrays = {schema.FEATURES: feats, schema.CLS: feats.mean(axis=2), schema.LABELS: index.labels,
+              schema.SAMPLE_IDS: np.arange(n), schema.VALID: True}
+    for name, values in arrays.items():  # as fae-pipe writes: every shard a file, even an all-zero one
+        group[name].with_config({"write_empty_chunks": True})[:] = values
     group.attrs.update({schema.A_CONFIG_HASH: "synthetic-features-v1", schema.A_COMPLETE: True})
     return group
 
