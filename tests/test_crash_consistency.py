@@ -104,3 +104,47 @@ def test_extract_killed_at_random_instants_resumes_bit_identically(tmp_path):
     assert landed, "no kill landed mid-run"
     assert_same_arrays(read_arrays(store), read_arrays(tmp_path / "cache/features.zarr"))
     assert not (store / ".fae/lock").exists()
+
+
+def test_encode_killed_at_random_instants_resumes_bit_identically(tmp_path):
+    """The latent store after kills + plain re-runs equals an uninterrupted encode's, statistics included."""
+    from fae_helpers import cli as fae_cli
+    from fae_helpers import make_dataset, make_feature_store
+    from fae_helpers import write_config as fae_config
+    from test_encode import data_files
+
+    rng = random.Random(SEED + 2)
+    _, index, z = make_dataset(tmp_path, per_class=32, grid=4)  # 128 samples in 16 shards: a kill lands mid-run
+    make_feature_store(tmp_path / "features.zarr", index, z, shard_samples=8, chunk_samples=8)
+    cfg = fae_config(tmp_path / "c.yaml", tmp_path, fae={"train": {"steps": 10, "eval_every": 100}},
+                     encode={"shards": 8, "batch_size": 4})
+    fae_cli("train-fae", "--config", str(cfg))
+    fae_cli("encode", "--config", str(cfg))  # the reference store: cfg's paths.latents
+    store = tmp_path / "crash.zarr"
+    args = [sys.executable, "-m", "fae_pipe.cli", "encode", "--config", str(cfg), "--set", f"paths.latents={store}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    landed = []
+    for i in range(KILLS):
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        records = lambda: len(list((store / ".fae" / "done").glob("*.json")))  # noqa: E731
+        if i % 2 == 0:  # start-up, FAE load, store creation (a run takes about 3 s, 0.4 s of it encoding)
+            delay, started = rng.uniform(0.3, 2.6), None
+        else:  # after this run's first shard record: shard computation, shard and record writes, finalize
+            before = records()
+            delay, started = rng.uniform(0.0, 0.15), (lambda: records() > before)
+        if kill_at(proc, delay, started):
+            landed.append(round(delay, 3))
+        else:
+            assert proc.returncode == 0, proc.communicate()[1][-2000:]
+            break
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (landed, done.stderr[-2000:])
+    print(f"kills landed at {landed} s")
+    assert landed, "no kill landed mid-run"
+    assert data_files(store) == data_files(tmp_path / "latents.zarr")
+    import zarr
+
+    ref_attrs, got = dict(zarr.open_group(str(tmp_path / "latents.zarr")).attrs), dict(zarr.open_group(str(store)).attrs)
+    for key in ("channel_mean", "channel_std", "fae_fingerprint", "complete", "config_hash"):
+        assert got[key] == ref_attrs[key], key
+    assert not (store / ".fae/lock").exists()
