@@ -304,6 +304,7 @@ def test_prepare_onto_a_read_only_directory_is_one_line(tmp_path, small_fs, caps
                                    "parts are kept, unfinished ones are redone)")
 
 
+@pytest.mark.slow
 def test_extract_on_a_full_disk_stops_in_one_line_and_the_same_command_finishes(tmp_path, small_fs):
     """A store on a real 160 KiB tmpfs: the disk fills mid-store; the shards with records are whole, the
     one that failed has none; after the space grows the same command completes it bit-identically."""
@@ -328,6 +329,7 @@ def test_extract_on_a_full_disk_stops_in_one_line_and_the_same_command_finishes(
     assert_same_arrays(read_arrays(store), read_arrays(tmp_path / "cache/features.zarr"))
 
 
+@pytest.mark.slow
 def test_train_sit_checkpoint_on_a_full_disk_is_one_line_and_resume_finishes(tmp_path, small_fs):
     import subprocess
     import sys
