@@ -231,3 +231,38 @@ def test_extract_sigterm_finishes_the_shard_then_resumes_bit_identically(tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     assert f"{6 - finished} shards written, {finished} skipped" in resumed.stdout
     assert_same_arrays(read_arrays(store), read_arrays(tmp_path / "cache/features.zarr"))
+
+
+@pytest.mark.slow
+def test_encode_sigterm_finishes_the_shard_then_resumes_bit_identically(tmp_path):
+    from fae_helpers import cli as fae_cli
+    from fae_helpers import make_dataset, make_feature_store
+    from fae_helpers import write_config as fae_config
+    from test_encode import data_files
+
+    _, index, z = make_dataset(tmp_path, per_class=32, grid=4)  # 128 samples in 16 shards
+    make_feature_store(tmp_path / "features.zarr", index, z, shard_samples=8, chunk_samples=8)
+    cfg = fae_config(tmp_path / "c.yaml", tmp_path, fae={"train": {"steps": 10, "eval_every": 100}},
+                     encode={"shards": 16, "batch_size": 1})
+    fae_cli("train-fae", "--config", str(cfg))
+    fae_cli("encode", "--config", str(cfg))  # the reference store
+    store = tmp_path / "term.zarr"
+    args = [sys.executable, "-m", "fae_pipe.cli", "encode", "--config", str(cfg), "--set", f"paths.latents={store}"]
+    proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    done_dir, deadline = store / ".fae/done", time.monotonic() + 240
+    while not (done_dir.is_dir() and any(done_dir.glob("shard-*.json"))):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == STOP_EXIT_CODE, stderr[-2000:]
+    finished = len(list(done_dir.glob("shard-*.json")))
+    line = [ln for ln in stderr.splitlines() if "stop signal" in ln]
+    assert line == [f"encode: stop signal (SIGTERM): {finished} of 16 storage shards complete, the rest left cleanly "
+                    "without records; run the same command again to continue"], stderr[-2000:]
+    assert 1 <= finished < 16 and not (store / ".fae/lock").exists()
+    resumed = fae_cli("encode", "--config", str(cfg), "--set", f"paths.latents={store}")
+    assert f"{16 - finished} shards written, {finished} skipped" in resumed.stderr
+    assert data_files(store) == data_files(tmp_path / "latents.zarr")
