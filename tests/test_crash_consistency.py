@@ -5,7 +5,7 @@ same ``extract`` command, ``train-sit --resume auto``. Kills land during start-u
 model building, shard or step computation and checkpoint/record writes; the lock a
 killed run leaves is taken over. The final store / weights and loss.csv must equal an
 uninterrupted run's. The instants come from ``FAE_CRASH_SEED`` (default 0) so a
-failure can be replayed; ``FAE_CRASH_KILLS`` sets the kills per stage (default 5).
+failure can be replayed; ``FAE_CRASH_KILLS`` sets the kills per stage (default 4).
 """
 
 import os
@@ -25,7 +25,7 @@ from test_train_sit import ENV, assert_same_weights, loss_rows, write_config
 pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("FAE_CRASH_SEED", "0"))
-KILLS = int(os.environ.get("FAE_CRASH_KILLS", "5"))
+KILLS = int(os.environ.get("FAE_CRASH_KILLS", "4"))
 
 
 def kill_at(proc: subprocess.Popen, seconds: float, started=None) -> bool:
