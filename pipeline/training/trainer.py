@@ -53,13 +53,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
-from fae_pipe.artifacts import DirLock, seeded_generator
+from fae_pipe.artifacts import seeded_generator
 from fae_pipe.errors import StopRequested, StopSignals, UserError
 from fae_pipe.training.checkpoint import (capture_rng, check_finite_weights, clear_checkpoints, last_good,
                                           load_checkpoint, resolve_resume, restore_rng, save_checkpoint)
 from fae_pipe.training.ema import EMA
 from fae_pipe.training.logs import (LogWindow, StepLog, available_tracker, clear_rank_records, final_loss,
                                     tracker_config, write_metrics, write_rank_record)
+from fae_pipe.training.preemption import agree_on_stop, lock_run_dir, release, stop_group
 from fae_pipe.training.schedule import make_scheduler
 
 
@@ -82,57 +83,6 @@ def make_accelerator(precision: str, grad_accum: int, key: str, log_with: str | 
 def adamw(params, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW with the fused kernel: it can skip an update on the device (``found_inf``) without a host sync."""
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
-
-
-# run directory -> the lock a Trainer of this process holds on it. A new Trainer on the same
-# directory in the same process (a notebook, a test, a driver script) supersedes an earlier
-# one that never reached finish(); another process is refused.
-_RUN_LOCKS: dict[str, DirLock] = {}
-
-
-def _release(lock: DirLock | None, signals: StopSignals) -> None:
-    signals.restore()
-    if lock is not None:
-        lock.release()
-        for key, held in list(_RUN_LOCKS.items()):
-            if held is lock:
-                del _RUN_LOCKS[key]
-
-
-def _lock_run_dir(run_dir: Path, stage: str) -> DirLock:
-    key = str(run_dir.resolve())
-    earlier = _RUN_LOCKS.pop(key, None)
-    if earlier is not None:
-        earlier.release()
-    lock = DirLock(run_dir / ".lock", f"run directory {run_dir}", f"another {stage} running?").acquire()
-    _RUN_LOCKS[key] = lock
-    return lock
-
-
-def stop_group(world: int):
-    """The process group the stop flag is reduced on: None (default group) when it is gloo, else a gloo group.
-
-    A collective: every rank must call it (the Trainer does, in its constructor).
-    """
-    import torch.distributed as dist
-
-    if world <= 1 or not dist.is_available() or not dist.is_initialized():
-        return None
-    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-
-def agree_on_stop(local: int, world: int, group=None) -> int:
-    """The largest stop signal number any process received (0: none), the same on every rank.
-
-    One all-reduce of a CPU int32 (host-side, no device sync) when ``world > 1``.
-    """
-    if world <= 1:
-        return local
-    import torch.distributed as dist
-
-    flag = torch.tensor([local], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag.item())
 
 
 def cpu_state(module: torch.nn.Module) -> dict:
@@ -175,10 +125,10 @@ class Trainer:
         self.stop_signals = StopSignals(cfg.runtime.stop_signals)
         self.poll_stop = bool(cfg.runtime.stop_signals)
         self.stop_group = stop_group(self.world) if self.poll_stop else None  # collective: before the lock
-        self.lock = _lock_run_dir(self.run_dir, stage) if self.main else None
+        self.lock = lock_run_dir(self.run_dir, stage) if self.main else None
         self.stop_signals.install()
         # released by finish(), by any exception out of prepare()/steps(), else when the Trainer goes or at exit
-        self._release = weakref.finalize(self, _release, self.lock, self.stop_signals)
+        self._release = weakref.finalize(self, release, self.lock, self.stop_signals)
         self.memory_budget_bytes = int(t.memory_budget_gb * (1 << 30))
         self.start, self.step_count, self.samples = 0, 0, 0
         self.metrics: dict = {}
