@@ -11,7 +11,6 @@ failure can be replayed; ``FAE_CRASH_KILLS`` sets the kills per stage (default 4
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -47,6 +46,26 @@ def kill_at(proc: subprocess.Popen, seconds: float, started=None) -> bool:
     return True
 
 
+def kill_repeatedly(start, draw, fresh: Path) -> list:
+    """KILLS times: ``start()`` a run, SIGKILL it at ``draw(i)`` = (delay, started); returns the delays that landed.
+
+    A run that finishes before its kill (a fast machine) removes ``fresh`` so the next
+    run starts over and can be killed again.
+    """
+    landed = []
+    for i in range(KILLS):
+        proc = start()
+        delay, started = draw(i)
+        if kill_at(proc, delay, started):
+            landed.append(round(delay, 3))
+        else:
+            assert proc.returncode == 0, proc.communicate()[1][-2000:]
+            shutil.rmtree(fresh)
+    print(f"kills landed at {landed} s")
+    assert landed, "no kill landed mid-run"
+    return landed
+
+
 def test_train_sit_killed_at_random_instants_resumes_bit_identically(tmp_path):
     rng = random.Random(SEED)
     store = tmp_path / "latents.zarr"
@@ -58,22 +77,13 @@ def test_train_sit_killed_at_random_instants_resumes_bit_identically(tmp_path):
     cfg = write_config(tmp_path, store, "crash", **train)
     run = tmp_path / "crash"
     args = [sys.executable, "-m", "fae_pipe.cli", "train-sit", "--config", str(cfg), "--resume", "auto"]
-    landed = []
-    for i in range(KILLS):
-        proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if i % 2 == 0:  # anywhere from start-up on
-            delay, started = rng.uniform(0.0, 6.0), None
-        else:  # inside the training loop (steps, log rows, checkpoint writes)
-            delay, started = rng.uniform(0.0, 1.5), (lambda: (run / "loss.csv").exists())
-        if kill_at(proc, delay, started):
-            landed.append(round(delay, 3))
-        else:  # the run finished before its kill (a fast machine): start the run over, keep killing
-            assert proc.returncode == 0, proc.communicate()[1][-2000:]
-            shutil.rmtree(run)
+    landed = kill_repeatedly(
+        lambda: subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+        lambda i: (rng.uniform(0.0, 6.0), None) if i % 2 == 0  # anywhere from start-up on
+        else (rng.uniform(0.0, 1.5), lambda: (run / "loss.csv").exists()),  # steps, log rows, checkpoints
+        run)
     done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (landed, done.stderr[-2000:])
-    print(f"kills landed at {landed} s")
-    assert landed, "no kill landed mid-run"
     assert loss_rows(run) == loss_rows(tmp_path / "ref"), landed
     assert_same_weights(run, tmp_path / "ref")
     assert not (run / ".lock").exists()
@@ -87,22 +97,13 @@ def test_extract_killed_at_random_instants_resumes_bit_identically(tmp_path):
     store = tmp_path / "cache/crash.zarr"
     args = ("extract", "--config", "tiny.yaml", "--set", "paths.features=cache/crash.zarr", "--shards", "3",
             "--set", "data.decode_workers=0")
-    landed = []
-    for i in range(KILLS):
-        proc = popen(tmp_path, *args)
-        if i % 2 == 0:
-            delay, started = rng.uniform(0.0, 8.0), None
-        else:  # once the store exists: shard computation, shard and record writes
-            delay, started = rng.uniform(0.0, 2.0), (lambda: (store / "zarr.json").exists())
-        if kill_at(proc, delay, started):
-            landed.append(round(delay, 3))
-        else:  # the run finished before its kill (a fast machine): start the store over, keep killing
-            assert proc.returncode == 0, proc.communicate()[1][-2000:]
-            shutil.rmtree(store)
+    landed = kill_repeatedly(
+        lambda: popen(tmp_path, *args),
+        lambda i: (rng.uniform(0.0, 8.0), None) if i % 2 == 0
+        else (rng.uniform(0.0, 2.0), lambda: (store / "zarr.json").exists()),  # shard computation and writes
+        store)
     done = cli(tmp_path, *args)
     assert done.returncode == 0, (landed, done.stderr[-2000:])
-    print(f"kills landed at {landed} s")
-    assert landed, "no kill landed mid-run"
     assert_same_arrays(read_arrays(store), read_arrays(tmp_path / "cache/features.zarr"))
     assert not (store / ".fae/lock").exists()
 
@@ -124,24 +125,19 @@ def test_encode_killed_at_random_instants_resumes_bit_identically(tmp_path):
     store = tmp_path / "crash.zarr"
     args = [sys.executable, "-m", "fae_pipe.cli", "encode", "--config", str(cfg), "--set", f"paths.latents={store}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    landed = []
-    for i in range(KILLS):
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        records = lambda: len(list((store / ".fae" / "done").glob("*.json")))  # noqa: E731
+    records = lambda: len(list((store / ".fae" / "done").glob("*.json")))  # noqa: E731
+
+    def draw(i):
         if i % 2 == 0:  # start-up, FAE load, store creation (a run takes 2-3 s, 0.4 s of it encoding)
-            delay, started = rng.uniform(0.3, 1.8), None
-        else:  # after this run's first shard record: shard computation, shard and record writes, finalize
-            before = records()
-            delay, started = rng.uniform(0.0, 0.15), (lambda: records() > before)
-        if kill_at(proc, delay, started):
-            landed.append(round(delay, 3))
-        else:  # the run finished before its kill (a fast machine): start the store over, keep killing
-            assert proc.returncode == 0, proc.communicate()[1][-2000:]
-            shutil.rmtree(store)
+            return rng.uniform(0.3, 1.8), None
+        before = records()  # after this run's first shard record: shard computation and writes, finalize
+        return rng.uniform(0.0, 0.15), (lambda: records() > before)
+
+    landed = kill_repeatedly(
+        lambda: subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
+        draw, store)
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (landed, done.stderr[-2000:])
-    print(f"kills landed at {landed} s")
-    assert landed, "no kill landed mid-run"
     assert data_files(store) == data_files(tmp_path / "latents.zarr")
     import zarr
 
