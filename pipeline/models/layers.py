@@ -254,11 +254,13 @@ class SelfAttention(nn.Module):
     ``head_dim`` is independent of ``dim`` so a layer can attend in a wider space
     than its tokens (the FAE encoder: 1536-d tokens, 24 x 256 = 6144-d attention).
     ``backend`` is the attention kernel (see ``attention``); set it model-wide with
-    ``set_attention_backend``.
+    ``set_attention_backend``. ``qk_norm`` (LightningDiT) RMS-normalises q and k per head,
+    before RoPE, which bounds the attention logits and keeps wide models stable in low
+    precision; off by default, and then no norm modules exist (state_dicts unchanged).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int | None = None, bias: bool = True,
-                 backend: str = "sdpa"):
+                 backend: str = "sdpa", qk_norm: bool = False):
         super().__init__()
         self.backend = check_attention_backend(backend, "model attention backend")
         if head_dim is None:
@@ -268,10 +270,15 @@ class SelfAttention(nn.Module):
         self.heads, self.head_dim = heads, head_dim
         self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=bias)
         self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.qk_norm = bool(qk_norm)
+        if self.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, self.backend)

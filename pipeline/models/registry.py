@@ -7,16 +7,21 @@ down exactly once, here.
 Naming scheme: an FAE is three separately trained modules, registered as
 ``<family>.encoder``, ``<family>.feature_decoder`` and ``<family>.pixel_decoder``
 (families: fae_dinov2_g (paper), fae_dinov2_b, fae_dinov2_s, fae_demo (the offline
-demo, 4x4 tokens) and fae_tiny (the tests, 8x8 tokens)); ``fae_parts(family)`` gives the three names. Generators are ``sit_*``,
-discriminators ``patchgan*``. Each entry also has a ``kind`` for
-``list_models(kind)``: fae_encoder, feature_decoder, pixel_decoder, sit,
-discriminator.
+demo, 4x4 tokens) and fae_tiny (the tests, 8x8 tokens)); ``fae_parts(family)`` gives the three names. Generators are ``sit_*``
+and ``lightningdit_*`` (``_dh``: with RAE's wide DDT head), discriminators ``patchgan*``,
+REPA projectors ``repa_projector*`` (built with ``width=`` and ``target_dim=``). Each entry
+also has a ``kind`` for ``list_models(kind)``: fae_encoder, feature_decoder,
+pixel_decoder, sit, discriminator, projector.
 
 Parameter counts of the paper configs (``count_parameters``, App. D targets):
 fae_dinov2_g.encoder 37,868,608 (38.17M, -0.79%), .feature_decoder 170,428,416
 (170.43M, -0.00%), .pixel_decoder 304,934,656 (305.36M, -0.14%); sit_xl with
-patch 1 on 16x16x32 674,853,152 (675M, -0.02%). See each model file for the
-design choices behind them.
+patch 1 on 16x16x32 674,853,152 (675M, -0.02%); lightningdit_xl (patch 1, 16x16x32)
+674,965,856 (675M, -0.01%: SwiGLU biases, RMSNorm gains and QK-norm add 112,704);
+lightningdit_xl_dh (+ 2 blocks at width 2048) 834,226,996 on 32 channels and
+838,090,260 with ``in_channels=768`` (RAE's DiT-DH-XL on DINOv2-B features: 839M,
+-0.11%). Tiny: sit_tiny 1,273,352, lightningdit_tiny 1,274,928, lightningdit_tiny_dh
+3,777,880. See each model file for the design choices behind them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ FeatureDecoder = "fae_pipe.models.feature_decoder:FeatureDecoder"
 PixelDecoder = "fae_pipe.models.pixel_decoder:PixelDecoder"
 SiT = "fae_pipe.models.sit:SiT"
 PatchDiscriminator = "fae_pipe.models.discriminator:PatchDiscriminator"
+RepaProjector = "fae_pipe.models.repa:RepaProjector"
 
 
 class ModelSpec(NamedTuple):
@@ -52,7 +58,7 @@ class ModelSpec(NamedTuple):
         return getattr(importlib.import_module(module), attr)
 
 
-KINDS = ("fae_encoder", "feature_decoder", "pixel_decoder", "sit", "discriminator")
+KINDS = ("fae_encoder", "feature_decoder", "pixel_decoder", "sit", "discriminator", "projector")
 FAE_PARTS = ("encoder", "feature_decoder", "pixel_decoder")
 REGISTRY: dict[str, ModelSpec] = {}
 
@@ -103,8 +109,22 @@ register("sit_s", SiT, "sit", width=384, depth=12, heads=6, **_SIT_DATA)
 register("sit_b", SiT, "sit", width=768, depth=12, heads=12, **_SIT_DATA)
 register("sit_l", SiT, "sit", width=1024, depth=24, heads=16, **_SIT_DATA)
 register("sit_xl", SiT, "sit", width=1152, depth=28, heads=16, **_SIT_DATA)
-register("sit_tiny", SiT, "sit", width=128, depth=4, heads=4, mlp_ratio=4.0,
-         input_size=8, patch_size=1, in_channels=8, num_classes=10)
+_SIT_TINY = dict(width=128, depth=4, heads=4, mlp_ratio=4.0, input_size=8, patch_size=1, in_channels=8, num_classes=10)
+register("sit_tiny", SiT, "sit", **_SIT_TINY)
+
+# LightningDiT: the SiT shapes with LightningDiT's block options; _dh adds RAE's DiT-DH wide head.
+_LIGHTNING = dict(mlp="swiglu", norm="rmsnorm", qk_norm=True, pos="rope")
+_DDT_HEAD = dict(head_width=2048, head_depth=2, head_heads=16)
+register("lightningdit_b", SiT, "sit", width=768, depth=12, heads=12, **_SIT_DATA, **_LIGHTNING)
+register("lightningdit_l", SiT, "sit", width=1024, depth=24, heads=16, **_SIT_DATA, **_LIGHTNING)
+register("lightningdit_xl", SiT, "sit", width=1152, depth=28, heads=16, **_SIT_DATA, **_LIGHTNING)
+register("lightningdit_xl_dh", SiT, "sit", width=1152, depth=28, heads=16, **_SIT_DATA, **_LIGHTNING, **_DDT_HEAD)
+register("lightningdit_tiny", SiT, "sit", **_SIT_TINY, **_LIGHTNING)
+register("lightningdit_tiny_dh", SiT, "sit", **_SIT_TINY, **_LIGHTNING, head_width=256, head_depth=2, head_heads=4)
+
+# REPA projector (width and target_dim come from the generator and the cached encoder).
+register("repa_projector", RepaProjector, "projector", hidden=2048)
+register("repa_projector_tiny", RepaProjector, "projector", hidden=256)
 
 register("patchgan", PatchDiscriminator, "discriminator", base_channels=64, n_layers=3)
 register("patchgan_tiny", PatchDiscriminator, "discriminator", base_channels=16, n_layers=2)
@@ -131,11 +151,15 @@ def model_kwargs(name: str, **overrides) -> dict:
     if name not in REGISTRY:
         raise UserError(f"model: '{name}' is not a registered model; valid: {', '.join(list_models())}")
     spec = REGISTRY[name]
-    accepted = [p for p in inspect.signature(spec.resolve()).parameters if p != "self"]
-    unknown = sorted(set(overrides) - set(accepted))
+    params = {p: v for p, v in inspect.signature(spec.resolve()).parameters.items() if p != "self"}
+    unknown = sorted(set(overrides) - set(params))
     if unknown:
-        raise UserError(f"model '{name}': unknown option(s) {', '.join(unknown)}; valid: {', '.join(accepted)}")
-    return {**spec.kwargs, **overrides}
+        raise UserError(f"model '{name}': unknown option(s) {', '.join(unknown)}; valid: {', '.join(params)}")
+    kwargs = {**spec.kwargs, **overrides}
+    missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in kwargs]
+    if missing:
+        raise UserError(f"model '{name}': option(s) {', '.join(missing)} must be given")
+    return kwargs
 
 
 def create_model(name: str, **overrides) -> nn.Module:

@@ -5,6 +5,9 @@ draw t (distribution, then the shared time shift), draw noise, build ``x_t`` on 
 linear path, ask the model for the velocity and compare with ``eps - x0``. The mean
 is over all elements; the per-sample vector (mean over the non-batch dimensions) is
 returned as well for per-t diagnostics, and the t that were used come back too.
+With ``hidden_at=k`` the model is called as ``model(x_t, t, y, hidden_at=k)`` and must
+return ``(velocity, hidden)``; the hidden state comes back in the result, still in the
+graph, so a caller adds REPA's alignment loss on the same forward pass.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ VelocityModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torc
 
 
 class TransportLoss(NamedTuple):
-    """``loss``: scalar mean over all elements; ``per_sample``: (B,); ``t``: (B,) used."""
+    """``loss``: scalar mean over all elements; ``per_sample``: (B,); ``t``: (B,) used;
+    ``hidden``: the model's hidden state when ``hidden_at`` was given, else None."""
 
     loss: torch.Tensor
     per_sample: torch.Tensor
     t: torch.Tensor
+    hidden: torch.Tensor | None = None
 
 
 def training_loss(
@@ -40,6 +45,7 @@ def training_loss(
     time_mean: float = 0.0,
     time_std: float = 1.0,
     shift: float = 1.0,
+    hidden_at: int | None = None,
 ) -> TransportLoss:
     """Velocity MSE for a batch of data ``x0`` (B, ...) with labels ``y`` (B,) or None.
 
@@ -61,11 +67,15 @@ def training_loss(
     elif t.shape != (batch,):
         raise UserError(f"t must have shape ({batch},), got {tuple(t.shape)}")
     x_t = interpolate(x0, noise, t)
-    pred = model(x_t, t, y)
+    hidden = None
+    if hidden_at is None:
+        pred = model(x_t, t, y)
+    else:
+        pred, hidden = model(x_t, t, y, hidden_at=hidden_at)
     if pred.shape != x0.shape:
         raise UserError(
             f"model output shape {tuple(pred.shape)} does not match its input shape {tuple(x0.shape)}"
         )
     sq = (pred - velocity_target(x0, noise)).square()
     per_sample = sq.reshape(batch, -1).mean(dim=1)
-    return TransportLoss(loss=sq.mean(), per_sample=per_sample, t=t)
+    return TransportLoss(loss=sq.mean(), per_sample=per_sample, t=t, hidden=hidden)
