@@ -152,6 +152,9 @@ class StageCommand(click.Command):
                     raise UserError(f"{param.opts[0]} and --set {param.key}=... both set {param.key}: give one")
                 overrides[param.key] = value
         cfg = C.load_config(config_file, overrides)
+        from fae_pipe.threads import configure_threads
+
+        configure_threads(cfg.runtime.threads)
         module = importlib.import_module(f"fae_pipe.stages.{self.stage.module}")
         module.run(cfg, **flags)
 

@@ -169,6 +169,10 @@ class Sit:
 class Runtime:
     attention: str = F("sdpa", "attention kernel: sdpa (PyTorch, every device) or xformers (CUDA tensors only; "
                        "needs the cuda extra)", choices=["sdpa", "xformers"])
+    threads: int = F(0, "torch CPU threads per process; 0 = auto: OMP_NUM_THREADS if set, else usable cores / "
+                     "processes on this machine (fae_pipe.threads)", min=0)
+    compile: bool = F(False, "torch.compile the trained generators and decoders (inductor); falls back to eager "
+                      "with a note where the backend cannot run")
     stop_signals: list = F(["SIGTERM"], "signals that stop a train-*/extract/encode run cleanly (checkpoint or "
                            "finished shard, exit code 75; add SIGUSR1 for SLURM's --signal); [] = none",
                            choices=["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"])

@@ -92,6 +92,8 @@ def set_torch_threads(threads: int, workers: int) -> int:
     """
     import torch
 
+    from fae_pipe.threads import usable_cores
+
     if threads:
         n = threads
     elif workers == REMOTE_WORKER:
@@ -99,7 +101,7 @@ def set_torch_threads(threads: int, workers: int) -> int:
 
         n = max(1, int(get_worker().state.nthreads))
     else:
-        n = max(1, (os.cpu_count() or 1) // max(1, workers))
+        n = max(1, usable_cores() // max(1, workers))
     torch.set_num_threads(n)
     return n
 
