@@ -54,6 +54,7 @@ from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
 from fae_pipe.artifacts import seeded_generator
+from fae_pipe.device import compile_in_place
 from fae_pipe.errors import StopRequested, StopSignals, UserError
 from fae_pipe.training.checkpoint import (capture_rng, check_finite_weights, clear_checkpoints, last_good,
                                           load_checkpoint, resolve_resume, restore_rng, save_checkpoint)
@@ -180,6 +181,8 @@ class Trainer:
         self.optimizers = dict(zip(optimizers, prepared[len(models):]))
         if self.ema is not None:
             self.ema.model.to(self.device)
+        self.compiled = bool(self.cfg.runtime.compile) and compile_in_place(
+            [self.accelerator.unwrap_model(m) for m in self.models.values()], self.device, self.stage, self.main)
         if ck is not None:
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(ck["optimizers"][name])
@@ -379,7 +382,8 @@ class Trainer:
                           self.accelerator.unwrap_model(self.models[self.main_name]))
         self.accelerator.wait_for_everyone()
         summary = dict(self.metrics, steps=t.steps, start_step=self.start, steps_this_run=ran,
-                       world_size=self.world, global_batch=t.batch_size,
+                       world_size=self.world, global_batch=t.batch_size, torch_threads=torch.get_num_threads(),
+                       compiled=self.compiled,
                        wall_seconds=round(time.perf_counter() - self.t0, 3),
                        steps_per_second=round(ran / loop_s, 4) if ran and loop_s > 0 else None,
                        samples_per_second=round(ran * t.batch_size / loop_s, 2) if ran and loop_s > 0 else None)
