@@ -161,8 +161,12 @@ class Sit:
     shift_mode: str = F("scalar", "timestep shift form", choices=["none", "scalar", "dim"])
     shift: float = F(0.4, "scalar timestep shift (shift_mode=scalar)", min=0.0)
     shift_base_dim: int = F(4096, "base dimension n in a = sqrt(m / n) (shift_mode=dim)", min=1)
+    eval_samples: int = F(10_000, "images drawn every train.eval_every steps for the quality curve (FD-DINOv2, "
+                          "precision/recall into eval.csv; fixed noise and labels); 0 = no curve", min=0)
+    eval_sampler_steps: int = F(50, "sampler steps of those draws (sample.method, sample.guidance)", min=1)
     train: Train = T("train-sit loop", steps=2_000_000, batch_size=512, schedule="constant", warmup=0,
-                     ema_decay=0.9999, checkpoint_every=50_000, keep_last=3, memory_budget_gb=64.0)
+                     ema_decay=0.9999, checkpoint_every=50_000, keep_last=3, memory_budget_gb=64.0,
+                     eval_every=50_000)
 
 
 @dataclass

@@ -39,28 +39,11 @@ from fae_pipe.fae.data import feature_split, open_feature_store
 from fae_pipe.metrics.frechet import RunningStats, feature_stats, frechet_distance
 from fae_pipe.metrics.weights import MetricUnavailable
 from fae_pipe.sampling.outputs import SAMPLES_FILE, load_samples
-from fae_pipe.sampling.reference import (encoder_cls, load_reference_pixels, read_view, reference_view,
-                                         spread_rows)
+from fae_pipe.sampling.reference import GenerationScorer, encoder_cls, fd, load_reference_pixels, read_view
 from fae_pipe.training.logs import write_metrics
 
 NO_INCEPTION = "unavailable: no evaluate.inception_weights"
 PIXEL_BLOCK = 256  # reference images decoded per Inception pass (bounds RAM at ImageNet scale)
-
-
-def check_encoder(cfg_enc, attrs: dict, store: str) -> dict:
-    """The store's encoder record, refused unless the configured encoder matches it."""
-    rec = attrs.get(schema.A_ENCODER)
-    if not isinstance(rec, dict):
-        raise UserError(f"{store} records no encoder settings (attrs 'encoder'); re-create it with `fae-pipe extract`")
-    for key in ("name", "input_size", "precision", "weights"):
-        if rec.get(key) != getattr(cfg_enc, key):
-            raise UserError(f"image_encoder.{key} = {getattr(cfg_enc, key)!r} differs from the {rec.get(key)!r} that made "
-                            f"{store}: evaluate with the store's encoder settings")
-    return rec
-
-
-def fd(a: np.ndarray, b: np.ndarray) -> float:
-    return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
 def load_inception(ev, device):
@@ -132,8 +115,6 @@ def reconstruction(cfg: Config, group, encoder, view: tuple[int, str], inception
 
 
 def run(cfg: Config) -> dict:
-    from fae_pipe.encoders.dinov2 import build_encoder
-
     t0, ev, paths = time.perf_counter(), cfg.evaluate, cfg.paths
     device = pick_device(cfg.image_encoder.device)
     images, _ = load_samples(Path(paths.samples) / SAMPLES_FILE)
@@ -141,26 +122,16 @@ def run(cfg: Config) -> dict:
         raise UserError(f"{Path(paths.samples) / SAMPLES_FILE} holds {len(images)} image(s); evaluate needs >= 2 "
                         "(raise sample.num_samples)")
     group = open_feature_store(paths.features)
-    rec = check_encoder(cfg.image_encoder, dict(group.attrs), paths.features)
     size = int(group.attrs[schema.A_IMAGE_SIZE])
     if images.shape[1:3] != (size, size):
         raise UserError(f"samples are {images.shape[1]}x{images.shape[2]} but {paths.features} holds {size} px "
                         "crops: the pixel decoder must produce data.image_size images")
-    enc = build_encoder(cfg.image_encoder.name, cfg.image_encoder.weights, cfg.image_encoder.input_size, device, cfg.image_encoder.precision)
-    if enc.weights_fingerprint != rec.get("weights_fingerprint"):
-        raise UserError(f"encoder weights {enc.weights_fingerprint[:23]} differ from the "
-                        f"{str(rec.get('weights_fingerprint'))[:23]} that made {paths.features}")
-    view = reference_view(group)
-    ref_rows = spread_rows(np.asarray(schema.read_array(group, schema.VALID), bool), ev.max_reference)
-    ref = read_view(group, schema.CLS, ref_rows, view[0])
-    gen = encoder_cls(enc, images, ev.batch_size)
-    result = {"num_generated": int(len(images)), "num_reference": int(len(ref_rows)), "reference_view": view[1],
-              "fd_dinov2": fd(gen, ref), "knn_k": ev.knn_k,
-              "encoder": {"name": rec["name"], "weights": rec["weights"], "input_size": rec["input_size"],
-                          "random_weights": bool(rec.get("random_weights"))}}
-    from fae_pipe.metrics.prdc import prdc
-
-    result.update(prdc(ref[:len(gen)], gen, k=ev.knn_k, device=device))
+    scorer = GenerationScorer(cfg, group, paths.features, device)
+    rec, view, ref_rows = scorer.record, scorer.view, scorer.ref_rows
+    result = {"num_generated": int(len(images)), "num_reference": int(len(ref_rows)), "reference_view": view[1]}
+    result.update(scorer.score(scorer.features(images)))
+    result["encoder"] = {"name": rec["name"], "weights": rec["weights"], "input_size": rec["input_size"],
+                         "random_weights": bool(rec.get("random_weights"))}
     inception, status = load_inception(ev, device)
     if inception is None:
         result.update(fid=None, fid_status=status, inception_score=None, inception_score_std=None, is_status=status)
@@ -170,7 +141,7 @@ def run(cfg: Config) -> dict:
         ids = schema.read_array(group, schema.SAMPLE_IDS, ref_rows)
         result.update(inception_generation(inception, images, read_index(paths.index), ids, size, view[1], ev,
                                            cfg.data.decode_workers))
-    result["reconstruction"] = reconstruction(cfg, group, enc, view, inception, device)
+    result["reconstruction"] = reconstruction(cfg, group, scorer.encoder, view, inception, device)
     meta = _read_samples_json(Path(paths.samples))
     result["warnings"] = _warnings(result, meta, Path(paths.fae_run) / FAE_FILE)
     result["samples"] = _samples_meta(meta)

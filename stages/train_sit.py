@@ -6,7 +6,11 @@ runs an image encoder, so this stage reads ``latents.zarr`` (through
 encoder or decoder code. Resume, EMA, checkpoints, logging and the non-finite
 guard are the shared ``fae_pipe.training.Trainer``; this file is the step body.
 
-Artefacts (rank 0): ``<run>/loss.csv``, ``<run>/checkpoints/``, ``<run>/sit.safetensors``
+With ``sit.eval_samples`` > 0 it also draws images every ``sit.train.eval_every`` steps
+and scores them (``fae_pipe.sampling.progress``): only then are the decoders and the
+metric encoder imported, and they see generated images only.
+
+Artefacts (rank 0): ``<run>/loss.csv``, ``<run>/eval.csv`` (quality curve), ``<run>/checkpoints/``, ``<run>/sit.safetensors``
 (the export for sampling), ``<metrics>/sit.json``; every rank writes
 ``<run>/ranks/rank-<r>.json`` (world size, samples seen, parameter checksum).
 """
@@ -25,11 +29,15 @@ from fae_pipe.training.sit_export import SIT_FILE, save_sit_export
 from fae_pipe.training.trainer import Trainer, cpu_state
 from fae_pipe.transport import shift_factor, training_loss
 
+EVAL_FIELDS = ["fd_dinov2", "precision", "recall", "density", "coverage", "eval_samples", "eval_seconds",
+               "train_seconds"]
+
 
 def run(cfg, resume: str | None = None) -> dict:
     """Train (or resume) SiT as configured by ``cfg.sit`` / ``cfg.paths``; returns the summary metrics."""
     s, t = cfg.sit, cfg.sit.train
-    run = Trainer("train-sit", cfg, "sit", cfg.paths.sit_run, resume, log_fields=["loss", "grad_norm", "epoch", "samples_per_s"])
+    run = Trainer("train-sit", cfg, "sit", cfg.paths.sit_run, resume, log_fields=["loss", "grad_norm", "epoch", "samples_per_s"],
+                  eval_fields=EVAL_FIELDS if s.eval_samples else None)
 
     # ---- data: normalised latents, this process's share --------------------------------------------------
     data = LatentBatches(cfg.paths.latents, run.micro_batch, t.seed, run.rank, run.world,
@@ -54,10 +62,22 @@ def run(cfg, resume: str | None = None) -> dict:
               f"world size {run.world}, global batch {t.batch_size} = {run.world} x {t.grad_accum} x "
               f"{run.micro_batch}; steps {run.start}->{t.steps}", flush=True)
 
+    # ---- quality against steps (only when asked: it builds the decoders and the metric encoder) ----------
+    evaluate = None
+    if s.eval_samples:
+        from fae_pipe.sampling.progress import QualityProbe, latent_decoder
+
+        probe = QualityProbe(cfg, latent_decoder(cfg, info, run.device), info.shape, info.num_classes,
+                             info.num_classes, shift, s.eval_samples, s.eval_sampler_steps, run.device, run.rank,
+                             run.world, run.accelerator.gather)
+
+        def evaluate() -> dict:
+            return probe(run.weights())
+
     # ---- loop --------------------------------------------------------------------------------------------
     model.train()
     batches = data.from_step(run.start * t.grad_accum, run.device)
-    for step in run.steps():
+    for step in run.steps(evaluate):
         total = torch.zeros((), device=run.device)
         for a in range(t.grad_accum):
             epoch, x, y = next(batches)

@@ -128,3 +128,29 @@ def test_reference_rows_are_spread_and_reproducible():
     assert np.array_equal(a, b) and len(a) == 50 and np.all(np.diff(a) > 0) and mask[a].all()
     assert a.max() > 800 and a.min() < 200  # not the first rows of the store
     assert np.array_equal(spread_rows(mask, 5000), np.flatnonzero(mask))
+
+
+def test_quality_curve_of_train_sit_is_the_evaluate_metric_of_its_ema(tiny):
+    """train-sit's eval.csv: a row per eval_every with FD-DINOv2 etc.; the last row is what the scorer of
+    ``fae-pipe evaluate`` gives for the exported EMA on the same fixed noise and labels."""
+    import csv
+
+    from fae_pipe.data.latents import read_latent_info
+    from fae_pipe.sampling.progress import QualityProbe, latent_decoder
+    from fae_pipe.training.sit_export import build_sit_from_export, load_sit_export
+
+    cfg = load_config(str(tiny))
+    with open(f"{cfg.paths.sit_run}/eval.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == [4, 8]
+    assert all(math.isfinite(float(r["fd_dinov2"])) and 0 <= float(r["precision"]) <= 1 for r in rows)
+    assert [int(r["eval_samples"]) for r in rows] == [6, 6]
+    assert 0 < float(rows[0]["train_seconds"]) < float(rows[1]["train_seconds"])
+    export = load_sit_export(f"{cfg.paths.sit_run}/sit.safetensors")
+    info, _ = read_latent_info(cfg.paths.latents, schema.open_store(cfg.paths.latents)[0])
+    probe = QualityProbe(cfg, latent_decoder(cfg, info, torch.device("cpu")), info.shape, info.num_classes,
+                         info.num_classes, export["transport"]["shift_factor"], 6, 2, torch.device("cpu"))
+    ema = build_sit_from_export(export, use_ema=True)
+    first, again = probe(ema), probe(ema)
+    assert first["fd_dinov2"] == again["fd_dinov2"]  # fixed noise and labels: the same weights score the same
+    assert first["fd_dinov2"] == pytest.approx(float(rows[-1]["fd_dinov2"]), rel=1e-4)

@@ -28,7 +28,7 @@ def write_cfg(tmp: Path, store: Path, name: str) -> Path:
     cfg = tmp / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump({
         "paths": {"latents": str(store), "sit_run": str(tmp / name), "metrics": str(tmp / f"metrics-{name}")},
-        "sit": {"model": "sit_tiny", "train": {"steps": STEPS, "batch_size": 8, "checkpoint_every": 1000,
+        "sit": {"model": "sit_tiny", "eval_samples": 0, "train": {"steps": STEPS, "batch_size": 8, "checkpoint_every": 1000,
                                                "log_every": 1, "precision": "fp32", "lr": 1e-3, "ema_decay": 0.9,
                                                "memory_budget_gb": 1.0}},
     }))

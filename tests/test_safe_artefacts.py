@@ -93,7 +93,7 @@ def test_a_crafted_pickle_as_the_resume_checkpoint_is_refused(tmp_path, capsys, 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({
         "paths": {"latents": str(store), "sit_run": str(tmp_path / "run"), "metrics": str(tmp_path / "m")},
-        "sit": {"model": "sit_tiny", "train": {"steps": 2, "batch_size": 4, "precision": "no",
+        "sit": {"model": "sit_tiny", "eval_samples": 0, "train": {"steps": 2, "batch_size": 4, "precision": "no",
                                                "memory_budget_gb": 0.0, "log_with": "none"}}}))
     marker = tmp_path / "PWNED"
     ck = crafted(tmp_path / "evil" / "step-000000001.pt", marker, how)

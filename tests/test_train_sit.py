@@ -32,7 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).pa
 
 def write_config(tmp: Path, store: Path, run: str, **train) -> Path:
     cfg = {"paths": {"latents": str(store), "sit_run": str(tmp / run), "metrics": str(tmp / f"metrics-{run}")},
-           "sit": {"model": "sit_tiny", "train": {**TRAIN, **train}}}
+           "sit": {"model": "sit_tiny", "eval_samples": 0, "train": {**TRAIN, **train}}}
     path = tmp / f"{run}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

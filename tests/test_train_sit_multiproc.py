@@ -34,7 +34,7 @@ def test_two_cpu_processes_take_part_and_stay_identical(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({
         "paths": {"latents": str(store), "sit_run": str(tmp_path / "run"), "metrics": str(tmp_path / "metrics")},
-        "sit": {"model": "sit_tiny", "train": {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "precision": "fp32",
+        "sit": {"model": "sit_tiny", "eval_samples": 0, "train": {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "precision": "fp32",
                                                "lr": 1e-3, "ema_decay": 0.9, "memory_budget_gb": 1.0}},
     }))
     accelerate = Path(sys.executable).with_name("accelerate")

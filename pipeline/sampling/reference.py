@@ -79,3 +79,58 @@ def load_reference_pixels(index, sample_ids, image_size: int, view: str, workers
         return np.stack([load(i) for i in sample_ids])
     with ThreadPoolExecutor(workers, thread_name_prefix="ref-decode") as pool:
         return np.stack(list(pool.map(load, sample_ids)))
+
+
+def check_encoder(cfg_enc, attrs: dict, store: str) -> dict:
+    """The store's encoder record, refused unless the configured encoder matches it."""
+    rec = attrs.get(schema.A_ENCODER)
+    if not isinstance(rec, dict):
+        raise UserError(f"{store} records no encoder settings (attrs 'encoder'); re-create it with `fae-pipe extract`")
+    for key in ("name", "input_size", "precision", "weights"):
+        if rec.get(key) != getattr(cfg_enc, key):
+            raise UserError(f"image_encoder.{key} = {getattr(cfg_enc, key)!r} differs from the {rec.get(key)!r} that made "
+                            f"{store}: evaluate with the store's encoder settings")
+    return rec
+
+
+def fd(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between two feature sets (N, D)."""
+    from fae_pipe.metrics.frechet import feature_stats, frechet_distance
+
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+class GenerationScorer:
+    """FD-DINOv2 and k-NN precision/recall/density/coverage of generated images, in the store's encoder space.
+
+    The one implementation behind ``fae-pipe evaluate`` and the quality curves of the
+    training stages (``fae_pipe.sampling.progress``), so a curve's last point and the
+    final evaluation agree. Built once: the encoder the feature store was made with
+    (checked by name, input size, precision and weights fingerprint) and the cached cls
+    tokens of up to ``evaluate.max_reference`` real images spread over the store.
+    """
+
+    def __init__(self, cfg, group, store: str, device):
+        from fae_pipe.encoders.dinov2 import build_encoder
+
+        enc_cfg, self.ev, self.device = cfg.image_encoder, cfg.evaluate, device
+        self.record = check_encoder(enc_cfg, dict(group.attrs), store)
+        self.encoder = build_encoder(enc_cfg.name, enc_cfg.weights, enc_cfg.input_size, device, enc_cfg.precision)
+        if self.encoder.weights_fingerprint != self.record.get("weights_fingerprint"):
+            raise UserError(f"encoder weights {self.encoder.weights_fingerprint[:23]} differ from the "
+                            f"{str(self.record.get('weights_fingerprint'))[:23]} that made {store}")
+        self.view = reference_view(group)
+        self.ref_rows = spread_rows(np.asarray(schema.read_array(group, schema.VALID), bool), self.ev.max_reference)
+        self.reference = read_view(group, schema.CLS, self.ref_rows, self.view[0])
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """cls tokens (N, D) of uint8 images (N, H, W, 3)."""
+        return encoder_cls(self.encoder, images, self.ev.batch_size)
+
+    def score(self, gen: np.ndarray) -> dict:
+        """Metrics of generated cls tokens ``gen`` (from ``features``) against the reference."""
+        from fae_pipe.metrics.prdc import prdc
+
+        out = {"fd_dinov2": fd(gen, self.reference), "knn_k": self.ev.knn_k}
+        out.update(prdc(self.reference[:len(gen)], gen, k=self.ev.knn_k, device=self.device))
+        return out

@@ -241,6 +241,10 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.window = LogWindow(self.device, self.start)
 
+    def train_seconds(self) -> float:
+        """Wall-clock seconds spent training this run, over all its resumes, evaluations excluded."""
+        return self.base_seconds + time.perf_counter() - self.t_loop - self.eval_spent
+
     # ---- the step ------------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -294,7 +298,7 @@ class Trainer:
 
     def _steps(self, evaluate) -> Iterator[int]:
         t = self.t
-        self.t_loop = time.perf_counter()
+        self.t_loop, self.eval_spent = time.perf_counter(), 0.0
         bar = tqdm(total=t.steps, initial=self.start, desc=self.stage, unit="step", file=sys.stderr,
                    dynamic_ncols=True, disable=not self.main)
         for step in range(self.start, t.steps):
@@ -309,12 +313,18 @@ class Trainer:
                 if row and "loss" in row:
                     bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
             if evaluate is not None and (done % t.eval_every == 0 or last):
+                e0 = time.perf_counter()
                 self.metrics = evaluate()
+                cost = time.perf_counter() - e0
+                self.eval_spent += cost
+                if self.metrics:  # the x axis of curves against wall-clock (evaluations excluded)
+                    self.metrics["train_seconds"] = round(self.train_seconds(), 3)
                 if self.main and self.metrics:
                     if self.eval_csv is not None:
                         self.eval_csv.log(done, **{k: self.metrics.get(k) for k in self.eval_fields})
-                    shown = ", ".join(f"{k} {self.metrics[k]:.4g}" for k in self.eval_fields if k in self.metrics)
-                    bar.write(f"{self.stage}: step {done}: held-out {shown}", file=sys.stderr)
+                    shown = ", ".join(f"{k} {self.metrics[k]:.4g}" for k in self.eval_fields
+                                      if isinstance(self.metrics.get(k), float) and k != "train_seconds")
+                    bar.write(f"{self.stage}: step {done}: eval {shown} ({cost:.1f} s)", file=sys.stderr)
             if done % t.checkpoint_every == 0 or last:
                 self.save(done)
             signum = agree_on_stop(self.stop_signals.requested or 0, self.world, self.stop_group) \
@@ -360,7 +370,7 @@ class Trainer:
         for module in [*raw.values(), *([self.ema.model] if self.ema else [])]:
             check_finite_weights(module, step, self.stage, self.run_dir)
         if self.main:
-            seconds = self.base_seconds + time.perf_counter() - self.t_loop
+            seconds = self.train_seconds()
             payload = {
                 "models": {n: cpu_state(m) for n, m in raw.items()},
                 "ema": {self.main_name: cpu_state(self.ema.model)} if self.ema else {},
