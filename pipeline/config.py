@@ -127,6 +127,8 @@ class Fae:
 class Decoder:
     phase: int = F(1, "1: noisy real features x + N(0, sigma^2); 2: fine-tune on x_hat", choices=[1, 2])
     noise_sigma: float = F(0.4, "phase-1 noise std relative to the per-token feature RMS", min=0.0)
+    noise_schedule: str = F("fixed", "phase-1 noise level: fixed = noise_sigma (FAE); uniform = per sample "
+                            "U(0, noise_sigma) (RAE, with noise_sigma 0.8)", choices=["fixed", "uniform"])
     rec_loss: str = F("l1", "pixel reconstruction loss", choices=["l1", "l2"])
     lpips_weight: float = F(1.0, "LPIPS weight", min=0.0)
     lpips_backbone: str = F("vgg", "LPIPS backbone; random only for tests/demo", choices=["vgg", "alex", "random"])

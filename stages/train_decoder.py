@@ -152,7 +152,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
         target = to_signed(b["pixels"]).to(device)
         with torch.no_grad():
             if dc.phase == 1:
-                x_in = noise_features(x, dc.noise_sigma, run.generator(step, "noise"))
+                x_in = noise_features(x, dc.noise_sigma, run.generator(step, "noise"), dc.noise_schedule)
             else:
                 x_in = fae.reconstruct(x)
         gan = objective.gan_active(step)

@@ -65,6 +65,15 @@ def test_losses_match_their_formulas():
     noisy = noise_features(x, 0.4, torch.Generator().manual_seed(1))
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(noisy, x + 0.4 * x.pow(2).mean(-1, keepdim=True).sqrt() * eps)
+    # RAE's schedule: one level per sample, U(0, sigma), drawn after the noise from the same generator
+    g = torch.Generator().manual_seed(1)
+    eps, u = torch.randn(x.shape, generator=g), torch.rand(x.shape[0], generator=g)
+    noisy = noise_features(x, 0.8, torch.Generator().manual_seed(1), "uniform")
+    assert torch.allclose(noisy, x + (0.8 * u)[:, None, None] * x.pow(2).mean(-1, keepdim=True).sqrt() * eps)
+    big = torch.ones(1000, 64, 16)  # token RMS 1: each sample's noise std is its level
+    levels = (noise_features(big, 0.8, torch.Generator().manual_seed(2), "uniform") - big).std(dim=(1, 2))
+    assert float(levels.min()) < 0.02 and 0.76 < float(levels.max()) < 0.85
+    assert float(levels.mean()) == pytest.approx(0.4, abs=0.03)
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.5])
     assert discriminator_loss(real, fake, "hinge").item() == pytest.approx(0.5 * (0.25 + 0.75))
     assert generator_loss(fake, "hinge").item() == pytest.approx(0.75)

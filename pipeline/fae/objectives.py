@@ -47,16 +47,27 @@ def token_rms(x: torch.Tensor) -> torch.Tensor:
     return x.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
 
 
-def noise_features(x: torch.Tensor, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
-    """``x + sigma * rms(token) * eps``: stage-1 augmentation scaled to each token's own magnitude.
+def noise_features(x: torch.Tensor, sigma: float, generator: torch.Generator | None,
+                   schedule: str = "fixed") -> torch.Tensor:
+    """``x + s * rms(token) * eps``: stage-1 augmentation scaled to each token's own magnitude.
 
-    Scaling by the token RMS makes ``sigma`` a signal-to-noise ratio that carries
+    Scaling by the token RMS makes the noise level a signal-to-noise ratio that carries
     over between encoders whose features differ in scale (DINOv2-S vs -g).
+    ``schedule`` "fixed": ``s = sigma`` (FAE); "uniform": ``s ~ U(0, sigma)`` drawn per
+    sample (RAE's decoder schedule, sigma = 0.8 there), so the decoder sees every noise
+    level from clean to ``sigma``, as a generator's imperfect outputs have.
     """
     if sigma == 0.0:
         return x
     eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-    return (x.float() + sigma * token_rms(x) * eps).to(x.dtype)
+    if schedule == "uniform":
+        u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=torch.float32)
+        level = (sigma * u).view(-1, *([1] * (x.dim() - 1)))
+    elif schedule == "fixed":
+        level = sigma
+    else:
+        raise UserError(f"config error: decoder.noise_schedule = {schedule!r} is invalid: expected fixed or uniform")
+    return (x.float() + level * token_rms(x) * eps).to(x.dtype)
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
