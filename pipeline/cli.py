@@ -88,10 +88,13 @@ BENCHES: dict[str, Stage] = {
     "extract": Stage("bench_extract", ["extract", "image_encoder", "data", "paths"],
                      "Images/s: bare encoder vs full extract path vs naive per-image .npy extractor."),
     "loader": Stage("bench_loader", ["sit", "paths"],
-                    "Samples/s: latent loader vs in-RAM array vs one .npy file per sample.",
+                    "Samples/s: latent (or feature) loader vs in-RAM array vs one .npy file per sample.",
                     (click.Option(["--synthetic"], default=None, metavar="NxCxHxW",
                                   help="bench a temporary store of N random samples (2 views) shaped CxHxW "
-                                       "instead of paths.latents, e.g. 16384x32x16x16 for the paper's latents"),)),
+                                       "instead of paths.latents, e.g. 16384x32x16x16 for the paper's latents"),
+                     click.Option(["--features"], is_flag=True, default=False,
+                                  help="bench the feature store (paths.features, or with --synthetic C channels "
+                                       "on an HxW token grid) and FeatureBatches, with REPA targets too"))),
     "train-step": Stage("bench_train_step", ["sit", "image_encoder", "fae", "data", "paths", ATTENTION],
                         "SiT steps/s on cached latents vs the online encoder path, with the FLOP-expected ratio.",
                         (click.Option(["--synthetic"], type=int, default=None, metavar="N",
@@ -254,6 +257,19 @@ def verify_cmd(path, index_path):
         click.echo(f"verify: {path}: {len(defects)} defect(s)", err=True)
         sys.exit(1)
     click.echo(f"verify: {path}: OK")
+
+
+@cli.command("feature-stats")
+@click.argument("path", type=click.Path())
+@click.option("--per-position", is_flag=True, default=False,
+              help="also RAE's per-position-and-channel tables (arrays position_mean/position_std)")
+def feature_stats_cmd(path, per_position):
+    """Compute a feature store's exact statistics (float64, valid samples, all views) into the store."""
+    from fae_pipe.cache.feature_stats import compute_feature_stats
+
+    stats = compute_feature_stats(path, per_position)
+    where = "attrs channel_mean/channel_std" + (" + arrays position_mean/position_std" if per_position else "")
+    click.echo(f"feature-stats: {path}: {stats.channels} channels over {stats.count} values each -> {where}")
 
 
 @cli.command("convert-export")

@@ -1,9 +1,10 @@
-"""``fae-pipe bench loader``: how fast the latent loader serves random batches, against its limits.
+"""``fae-pipe bench loader``: how fast the generator loaders serve random batches, against their limits.
 
-Why: the SiT loop must never wait for data. Three references run side by side on
-the same latents (the configured ``paths.latents``, or with ``--synthetic NxCxHxW`` a
-temporary store of random samples in the schema's layout, e.g. the paper's 32x16x16
-latents, which the CPU demo does not produce), batch size ``sit.train.batch_size``:
+Why: the generator loop must never wait for data. Three references run side by side
+on the same store (the configured ``paths.latents``, with ``--features`` the
+``paths.features`` store, or with ``--synthetic NxCxHxW`` a temporary store of random
+samples in the schema's layout, e.g. the paper's 32x16x16 latents or, with
+``--features``, 768x16x16 DINOv2-B tokens), batch size ``sit.train.batch_size``:
 
 * the whole array in RAM as one NumPy array, random rows + random view picked by
   fancy indexing: the upper limit of any loader;
@@ -12,36 +13,43 @@ latents, which the CPU demo does not produce), batch size ``sit.train.batch_size
   cache is warm too: a favourable setting for that baseline).
 
 The loader runs in both modes (store held in RAM; streaming shards through the
-shuffle window) and as ``LatentBatches`` (normalised float32 torch tensors). Each
-measurement covers at least one epoch and ``MIN_SAMPLES`` samples, best of
-``REPEATS``. Loader rates are steady state: opening the store and the first batch
-(which reads the whole store in RAM mode) are timed separately as "setup". Streaming
-keeps shard files memory-mapped, so with a page-cache-warm store (as here) its
-steady state reads from the page cache; a store larger than RAM is read from disk
-each epoch and is bounded by the disk instead. Targets (issue 4): loader >= 0.5x
-the in-RAM array and >= 5x per-sample files, in both modes. Results also go to
-``<metrics>/bench_loader.json``.
+shuffle window) and as what a generator stage gets: ``LatentBatches`` (normalised
+float32 torch tensors), or with ``--features`` ``FeatureBatches`` in both modes and
+with REPA targets (the same store's tokens of each row's sample and view). Each
+measurement covers at least one epoch and ``MIN_SAMPLES`` samples; the candidates are
+measured in turn, ``REPEATS`` rounds, best of each (the machine is shared: taking
+turns gives each the same chance of a quiet moment, so the ratios hold). Loader rates
+are steady state: opening the store and the first batch (which reads the whole store
+in RAM mode) are timed separately as "setup". Streaming keeps shard files
+memory-mapped, so with a page-cache-warm store (as here) its steady state reads from
+the page cache; a store larger than RAM is read from disk each epoch and is bounded
+by the disk instead. Targets (issue 4): loader >= 0.5x the in-RAM array and >= 5x
+per-sample files, in both modes. Results also go to ``<metrics>/bench_loader.json``
+(``bench_loader_features.json`` with ``--features``).
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fae_pipe.cache import schema
-from fae_pipe.cache.synthetic import write_random_latent_store
+from fae_pipe.cache.synthetic import write_random_feature_store, write_random_latent_store
+from fae_pipe.data.features import FeatureBatches
 from fae_pipe.data.latents import LatentBatches
 from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
 from fae_pipe.training.logs import write_metrics
 
 MIN_SAMPLES = 50_000
-REPEATS = 3  # best of: the machine is shared, the best run is the least disturbed one
+REPEATS = 5  # rounds; best of each candidate (the best run is the least disturbed one: shared machines)
 MAX_FILES = 20_000  # per-sample files written for the fast-DiT baseline
+MAX_FILE_BYTES = 2 << 30  # ... and at most this many bytes of them
 
 
 def _random_batches(n: int, views: int, batch: int, seed: int, total: int):
@@ -57,32 +65,47 @@ def _random_batches(n: int, views: int, batch: int, seed: int, total: int):
         yield idx, rng.integers(0, views, size=batch)
 
 
-def _rate(fn, n: int, views: int, batch: int, total: int, repeats: int) -> float:
-    best = 0.0
-    for _ in range(repeats):
+def _array_runner(fn, n: int, views: int, batch: int, total: int):
+    """One timed pass of ``fn(rows, views)`` over ``total`` samples -> samples/s."""
+    def measure() -> float:
         start, served = time.perf_counter(), 0
         for idx, v in _random_batches(n, views, batch, 0, total):
             served += fn(idx, v).shape[0]
-        best = max(best, served / (time.perf_counter() - start))
-    return best
+        return served / (time.perf_counter() - start)
+    return measure
 
 
-def _loader_rate(make, total: int, repeats: int) -> tuple[float, str]:
-    """Steady-state samples/s over >= one epoch; construction and the first batch are the setup."""
+def _loader_runner(make, total: int):
+    """(one timed steady-state pass -> samples/s, mode text); construction and the first batch are the setup."""
     start = time.perf_counter()
     loader = make()
     inner = getattr(loader, "loader", loader)
-    it = loader.from_step(0, torch.device("cpu")) if hasattr(loader, "from_step") else loader.batches_from(0)
+    if isinstance(loader, ShardedLoader):
+        it = loader.batches_from(0)
+    elif getattr(loader, "repa", None) is not None:
+        it = loader.from_step_with_repa(0, torch.device("cpu"))
+    else:
+        it = loader.from_step(0, torch.device("cpu"))
     next(it)
     setup = time.perf_counter() - start
-    steps, best = max(inner.steps_per_epoch, -(-total // inner.batch_size)), 0.0
-    for _ in range(repeats):
+    steps = max(inner.steps_per_epoch, -(-total // inner.batch_size))
+
+    def measure() -> float:
         start = time.perf_counter()
         for _ in range(steps):
             next(it)
-        best = max(best, steps * inner.batch_size / (time.perf_counter() - start))
+        return steps * inner.batch_size / (time.perf_counter() - start)
     mode = "in RAM" if inner.in_ram else f"streaming, {inner.num_shards} shards"
-    return best, f"{mode}; setup {setup:.2f} s"
+    return measure, f"{mode}; setup {setup:.2f} s"
+
+
+def _best(runners: dict, repeats: int) -> dict[str, float]:
+    """Each runner once per round, ``repeats`` rounds; the best rate of each."""
+    best = dict.fromkeys(runners, 0.0)
+    for _ in range(repeats):
+        for key, measure in runners.items():
+            best[key] = max(best[key], measure())
+    return best
 
 
 def parse_synthetic(spec: str) -> tuple[int, int, int, int]:
@@ -93,54 +116,76 @@ def parse_synthetic(spec: str) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
-def run(cfg, synthetic: str | None = None, min_samples: int = MIN_SAMPLES, repeats: int = REPEATS) -> dict:
-    """Measure, print, write ``bench_loader.json``; smaller ``min_samples``/``repeats`` give a quick run."""
+def run(cfg, synthetic: str | None = None, features: bool = False, min_samples: int = MIN_SAMPLES,
+        repeats: int = REPEATS) -> dict:
+    """Measure, print, write the metrics JSON; smaller ``min_samples``/``repeats`` give a quick run."""
     if synthetic is None:
-        return _run(cfg, Path(cfg.paths.latents), min_samples, repeats)
+        return _run(cfg, Path(cfg.paths.features if features else cfg.paths.latents), features, min_samples, repeats)
+    n, c, h, w = parse_synthetic(synthetic)
     with tempfile.TemporaryDirectory(prefix="bench-loader-store-") as tmp:
-        n, c, h, w = parse_synthetic(synthetic)
         x = cfg.extract  # encode keeps the feature store's shard layout
-        path = write_random_latent_store(Path(tmp) / "latents.zarr", (n, 2, c, h, w), x.shard_samples,
-                                         x.chunk_samples)
-        return _run(cfg, path, min_samples, repeats)
+        if features:
+            path = write_random_feature_store(Path(tmp) / "features.zarr", (n, 2, h * w, c), (h, w),
+                                              x.shard_samples, x.chunk_samples)
+        else:
+            path = write_random_latent_store(Path(tmp) / "latents.zarr", (n, 2, c, h, w), x.shard_samples,
+                                             x.chunk_samples)
+        return _run(cfg, path, features, min_samples, repeats)
 
 
-def _run(cfg, path: Path, min_samples: int, repeats: int) -> dict:
+def _candidates(path: Path, features: bool, batch: int, s) -> dict:
+    """The loaders measured, by metrics key: (label, builder)."""
+    name = schema.FEATURES if features else schema.LATENTS
+    out = {f"loader_{mode}": ("ShardedLoader", lambda b=budget: ShardedLoader(
+        path, [name], batch, s.seed, memory_budget_bytes=b, shuffle_buffer=s.shuffle_buffer, random_view=True))
+        for mode, budget in (("in_ram", 1 << 62), ("streaming", 0))}
+    if not features:
+        out["latent_batches_torch"] = ("LatentBatches (normalised torch)", lambda: LatentBatches(
+            path, batch, s.seed, memory_budget_bytes=int(s.memory_budget_gb * (1 << 30)),
+            shuffle_buffer=s.shuffle_buffer))
+        return out
+    for mode, budget in (("in_ram", 1 << 62), ("streaming", 0)):
+        out[f"feature_batches_{mode}"] = ("FeatureBatches (normalised torch)", lambda b=budget: FeatureBatches(
+            path, batch, s.seed, memory_budget_bytes=b, shuffle_buffer=s.shuffle_buffer))
+    out["feature_batches_repa"] = ("FeatureBatches + REPA targets", lambda: FeatureBatches(
+        path, batch, s.seed, memory_budget_bytes=0, shuffle_buffer=s.shuffle_buffer, repa_features=path))
+    return out
+
+
+def _run(cfg, path: Path, features: bool, min_samples: int, repeats: int) -> dict:
     s = cfg.sit.train
     group = schema.open_group(path)
-    LatentBatches(path, 1, s.seed)  # refuses a store that training would refuse
-    arr = group[schema.LATENTS]
+    if features:
+        FeatureBatches(path, 1, s.seed)  # refuses a store that training would refuse
+    else:
+        LatentBatches(path, 1, s.seed)
+    arr = group[schema.FEATURES if features else schema.LATENTS]
     n, views = int(arr.shape[0]), int(arr.shape[1])
     batch = min(s.batch_size, n)
     total = max(n, min_samples)
     print(f"bench loader: {path}: {n} samples x {views} views x {tuple(arr.shape[2:])} {arr.dtype} "
           f"({arr.nbytes / 2**20:.1f} MiB), batch {batch}, >= {total} samples per measurement", flush=True)
-    results: dict[str, float] = {}
-    data = np.asarray(arr[:])
-    results["numpy_in_ram"] = _rate(lambda i, v: data[i, v], n, views, batch, total, repeats)
-    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
-        np.save(Path(tmp) / "all.npy", data)
-        mm = np.load(Path(tmp) / "all.npy", mmap_mode="r")
-        results["numpy_memmap"] = _rate(lambda i, v: mm[i, v], n, views, batch, total, repeats)
-        m = min(n, MAX_FILES)
-        for i in range(m):
-            np.save(Path(tmp) / f"{i}.npy", data[i])
-        files = [str(Path(tmp) / f"{i}.npy") for i in range(m)]
-        per_file = lambda idx, v: np.stack([np.load(files[i])[j] for i, j in zip(idx, v)])  # noqa: E731
-        results["npy_per_sample"] = _rate(per_file, m, views, min(batch, m), min(total, 4 * m), repeats)
-    del data, mm
-    modes = {}
-    for key, budget in (("loader_in_ram", 1 << 62), ("loader_streaming", 0)):
-        results[key], modes[key] = _loader_rate(
-            lambda b=budget: ShardedLoader(path, [schema.LATENTS], batch, s.seed, memory_budget_bytes=b,
-                                           shuffle_buffer=s.shuffle_buffer, random_view=True), total, repeats)
-    results["latent_batches_torch"], modes["latent_batches_torch"] = _loader_rate(
-        lambda: LatentBatches(path, batch, s.seed, memory_budget_bytes=int(s.memory_budget_gb * (1 << 30)),
-                              shuffle_buffer=s.shuffle_buffer), total, repeats)
-
     labels = {"numpy_in_ram": "in-RAM NumPy array (the limit)", "numpy_memmap": "memory-mapped .npy",
-              "npy_per_sample": "one .npy per sample (fast-DiT)", "loader_in_ram": "ShardedLoader",
-              "loader_streaming": "ShardedLoader", "latent_batches_torch": "LatentBatches (normalised torch)"}
+              "npy_per_sample": "one .npy per sample (fast-DiT)"}
+    modes: dict[str, str] = {}
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-loader-")))
+        data = np.asarray(arr[:])
+        np.save(tmp / "all.npy", data)
+        mm = np.load(tmp / "all.npy", mmap_mode="r")
+        m = max(1, min(n, MAX_FILES, MAX_FILE_BYTES // max(1, data[0].nbytes)))
+        for i in range(m):
+            np.save(tmp / f"{i}.npy", data[i])
+        files = [str(tmp / f"{i}.npy") for i in range(m)]
+        per_file = lambda idx, v: np.stack([np.load(files[i])[j] for i, j in zip(idx, v)])  # noqa: E731
+        runners = {"numpy_in_ram": _array_runner(lambda i, v: data[i, v], n, views, batch, total),
+                   "numpy_memmap": _array_runner(lambda i, v: mm[i, v], n, views, batch, total),
+                   "npy_per_sample": _array_runner(per_file, m, views, min(batch, m), min(total, 4 * m))}
+        for key, (label, make) in _candidates(path, features, batch, s).items():
+            runners[key], modes[key] = _loader_runner(make, total)
+            labels[key] = label
+        results = _best(runners, repeats)
+
     limit, files_rate = results["numpy_in_ram"], results["npy_per_sample"]
     for key, rate in results.items():
         mode = f" [{modes[key]}]" if key in modes else ""
@@ -156,5 +201,6 @@ def _run(cfg, path: Path, min_samples: int, repeats: int) -> dict:
               f"{vs_files:.1f}x per-sample files (target >= 5x): {'met' if verdicts[key] else 'NOT met'}", flush=True)
     summary = {"samples_per_s": {k: round(v, 1) for k, v in results.items()}, "batch": batch, "num_samples": n,
                "configured_mode": configured, "targets_met": verdicts}
-    write_metrics(Path(cfg.paths.metrics) / "bench_loader.json", summary)
+    name = "bench_loader_features.json" if features else "bench_loader.json"
+    write_metrics(Path(cfg.paths.metrics) / name, summary)
     return summary

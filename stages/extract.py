@@ -3,7 +3,8 @@
 The store layout is ``fae_pipe.cache.schema``; lock, resume, work units and dask come
 from ``fae_pipe.cache.shards``; the shard task (decode, encoder, float16 tokens) is
 ``fae_pipe.tasks.features.FeatureExtractTask``. This module says what the store records
-(attrs, content hash) and runs it.
+(attrs, content hash, the exact per-channel statistics merged from the shard records:
+``fae_pipe.cache.feature_stats``) and runs it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from fae_pipe import __version__
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import StoreLock
+from fae_pipe.cache.feature_stats import channel_stats_from_records
 from fae_pipe.cache.shards import ShardPlan, run_shards
 from fae_pipe.cache.store_writer import finalize, mark_incomplete, open_or_create
 from fae_pipe.config import Config
@@ -95,7 +97,9 @@ def _extract_locked(cfg: Config, store_path: str, overwrite: bool, limit: int | 
         missing = sorted(set(range(result.shards_total)) - set(result.records))
         raise UserError(f"extract: shards {missing} of {store_path} have no completion record; "
                         "re-run `fae-pipe extract` to finish them")
-    finalize(group, result.failures(), {schema.A_CREATED_WITH: f"fae-pipe {__version__}"})
+    stats = channel_stats_from_records(group, result.records)  # None: no valid sample, no statistics
+    finalize(group, result.failures(), {schema.A_CREATED_WITH: f"fae-pipe {__version__}",
+                                        **(stats.to_attrs() if stats is not None else {})})
     return result
 
 

@@ -26,7 +26,7 @@ ALLOWED = {
     "encode": {"shards", "workers", "scheduler", "overwrite"},
     "train-fae": {"resume"}, "train-decoder": {"resume"}, "train-sit": {"resume"},
     "sample": set(), "evaluate": set(), "probe": set(),
-    "bench extract": set(), "bench loader": {"synthetic"}, "bench train-step": {"synthetic"},
+    "bench extract": set(), "bench loader": {"synthetic", "features"}, "bench train-step": {"synthetic"},
 }
 
 
@@ -165,7 +165,9 @@ def test_set_and_daily_flags_reach_the_stage(cwd, stub):
 
     main(["bench", "loader", "--synthetic", "40x4x2x2", "--set", "paths.metrics=m"])
     module, cfg, flags = stub.pop()
-    assert module == "bench_loader" and flags == {"synthetic": "40x4x2x2"} and cfg.paths.metrics == "m"
+    assert module == "bench_loader" and flags == {"synthetic": "40x4x2x2", "features": False} and cfg.paths.metrics == "m"
+    main(["bench", "loader", "--features"])
+    assert stub.pop()[2] == {"synthetic": None, "features": True}
     main(["bench", "train-step", "--synthetic", "5"])
     assert stub.pop()[2] == {"synthetic": 5}
     main(["sample", "--set", "sample.classes=[1,2]"])

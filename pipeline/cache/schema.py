@@ -76,10 +76,20 @@ A_CONFIG_HASH = "config_hash"
 A_CREATED_WITH = "created_with"
 A_COMPLETE = "complete"
 A_FAILURES = "failures"
+# exact per-channel statistics of the stored values (``cache.latent_stats``): written by ``encode``
+# (latents) and by ``extract`` (features, ``cache.feature_stats``)
 A_CHANNEL_MEAN = "channel_mean"
 A_CHANNEL_STD = "channel_std"
-# latent stores only (written by ``encode``)
 A_CHANNEL_STATS_COUNT = "channel_stats_count"  # samples x views x positions behind the statistics
+# feature stores only: per-position-and-channel statistics (RAE), float64 arrays of shape (C, H, W)
+# written on request by ``cache.feature_stats.compute_feature_stats``; the attr is written after
+# both arrays ({"count": valid samples x views, "config_hash": of the store}), so present = whole
+POSITION_MEAN = "position_mean"
+POSITION_STD = "position_std"
+STATS_DIMENSIONS: dict[str, tuple[str, ...]] = {POSITION_MEAN: ("channel", "height", "width"),
+                                                POSITION_STD: ("channel", "height", "width")}
+A_POSITION_STATS = "position_stats"
+# latent stores only (written by ``encode``)
 A_FAE_FINGERPRINT = "fae_fingerprint"  # sha256 of the FAE export that made the latents
 A_FAE_MODELS = "fae_models"  # registry names of the FAE parts
 A_SOURCE_FEATURES = "source_features"  # {"path", "config_hash"} of the feature store encoded
@@ -158,9 +168,17 @@ def _create_store(path, kind: str, sample_shapes: dict[str, tuple[int, ...]], n:
             # every shard gets a file, even an all-zero one, so a missing file is a defect
             config={"write_empty_chunks": True},
         )
-    # Consolidated metadata lets readers list the arrays without scanning the directory
-    # (which would warn about the non-zarr ``.fae`` folder). Array metadata never changes
-    # after creation and root attrs live outside the consolidated part, so it never goes stale.
+    return consolidate(path)
+
+
+def consolidate(path) -> zarr.Group:
+    """(Re)write a store's consolidated metadata; call after creating arrays in it.
+
+    Consolidated metadata lets readers list the arrays without scanning the directory
+    (which would warn about the non-zarr ``.fae`` folder). Array metadata never changes
+    after creation and root attrs live outside the consolidated part, so it goes stale
+    only when an array is added (the statistics arrays of ``cache.feature_stats``).
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         warnings.filterwarnings("ignore", message=f"Object at {BOOKKEEPING_DIR} is not recognized",
@@ -217,6 +235,16 @@ def open_store(path, mode: str = "r") -> tuple[zarr.Group, str]:
         raise UserError(f"{p} has {A_SCHEMA_VERSION} {version!r}; this fae-pipe reads version {SCHEMA_VERSION}: "
                         "re-create it with --overwrite")
     return group, kind
+
+
+def open_feature_store(path, mode: str = "r", key: str = "paths.features") -> zarr.Group:
+    """The complete ``features.zarr`` at ``path``, or a one-line error (``key``: where the path was set)."""
+    group, kind = open_store(path, mode)
+    if kind != KIND_FEATURES:
+        raise UserError(f"{key} = {path} is a {kind} store; expected the features store written by `extract`")
+    if group.attrs.get(A_COMPLETE) is not True:
+        raise UserError(f"feature store {path} is incomplete: finish it with `fae-pipe extract` first")
+    return group
 
 
 def sample_array_names(group: zarr.Group) -> list[str]:

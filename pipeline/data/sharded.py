@@ -52,6 +52,9 @@ _ORDER, _WINDOW, _VIEW = 0, 1, 2  # independent random streams per (seed, epoch)
 CONTIGUOUS_ROW_BYTES = 4096
 
 
+ROWS, VIEWS = "rows", "views"  # batch keys beside the arrays: each row's store row and the view served
+
+
 def default_max_mapped_shards() -> int:
     """How many shard-array memory maps a loader keeps open, from this process's file limit.
 
@@ -61,6 +64,41 @@ def default_max_mapped_shards() -> int:
     loader is built, so a limit raised after import (``ulimit``, ``setrlimit``) counts.
     """
     return max(16, min(4096, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+
+
+class ShardMaps:
+    """One shard's arrays on demand: kept memory maps (most recently used last) where the files
+    allow, else a whole-shard read; at most ``max_mapped`` maps (all arrays) stay open and the
+    last ``keep_read`` whole-shard reads are kept (0: callers hold what they read)."""
+
+    def __init__(self, readers: dict[str, ShardReader], max_mapped: int, keep_read: int = 0):
+        self.readers, self.max_mapped, self.keep_read = readers, max_mapped, keep_read
+        self._maps: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._read: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+
+    @property
+    def direct(self) -> bool:
+        return all(r.direct for r in self.readers.values())
+
+    def open(self, s: int) -> dict[str, np.ndarray]:
+        if s in self._maps:
+            self._maps.move_to_end(s)
+            return self._maps[s]
+        if s in self._read:
+            self._read.move_to_end(s)
+            return self._read[s]
+        maps = {n: r.map(s) for n, r in self.readers.items()}
+        if any(m is None for m in maps.values()):
+            whole = {n: r.read(s) for n, r in self.readers.items()}
+            if self.keep_read:
+                self._read[s] = whole
+                while len(self._read) > self.keep_read:
+                    self._read.popitem(last=False)
+            return whole
+        self._maps[s] = maps
+        while len(self._maps) * len(self.readers) > self.max_mapped:
+            self._maps.popitem(last=False)
+        return maps
 
 
 class ShardedLoader:
@@ -121,15 +159,19 @@ class ShardedLoader:
         self._readers = {n: ShardReader(self.group[n]) for n in self.names}
         # resident data: blocks of arrays (one for the whole store / a small window, or
         # one per shard); _block_of: shard -> block or -1; _row0: shard -> offset from a sample
-        # index to its row in that block; _maps: open shard memory maps, most recently used last
+        # index to its row in that block; _maps: open shard memory maps
         self._blocks: list[dict[str, np.ndarray]] = []
         self._held: list[int] = []
         self._copied_rows = 0
         self._block_of = np.full(self.num_shards, -1, np.int64)
         self._row0 = np.zeros(self.num_shards, np.int64)
-        self._maps: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._maps = ShardMaps(self._readers, self.max_mapped_shards)
 
     # ---- order (no data touched) -------------------------------------------------
+    def served_rows(self) -> np.ndarray:
+        """Store rows this loader may serve (the kept samples, all ranks), ascending."""
+        return np.concatenate(self._kept_by_shard)
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Global sample indices this rank serves in ``epoch``, in serving order."""
         rng = np.random.default_rng([self.seed, epoch, _ORDER])
@@ -159,23 +201,35 @@ class ShardedLoader:
         """
         return self._copied_rows
 
-    def batches_from(self, step: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Infinite ``(epoch, batch)`` stream starting at this process's batch number ``step``."""
+    def batches_from(self, step: int, group: int = 1) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Infinite ``(epoch, batch)`` stream starting at this process's batch number ``step``.
+
+        A batch holds each requested array (view selected), ``labels``, ``sample_ids``,
+        ``rows`` (store row of each batch row) and ``views`` (the view served).
+        ``group`` > 1: each item holds the rows of up to ``group`` consecutive batches
+        (fewer at a window's or epoch's end), for callers that convert many small
+        batches at once; the rows are those of the single batches, in order.
+        """
         epoch, first = divmod(int(step), self.steps_per_epoch)
         per_window = self.window // self.batch_size
         order = self.epoch_order(epoch)
         while True:
             views, next_order = self.epoch_views(epoch), None
-            for b in range(first, self.steps_per_epoch):
+            b = first
+            while b < self.steps_per_epoch:
                 if b == first or b % per_window == 0:
                     w = b // per_window
                     ahead = order[(w + 1) * self.window:(w + 2) * self.window]
                     if ahead.size == 0:  # the last window: read ahead into the next epoch
                         next_order = self.epoch_order(epoch + 1)
                         ahead = next_order[:self.window]
-                    self._hold(order[w * self.window:(w + 1) * self.window], ahead)
-                idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-                yield epoch, self._gather(idx, views[idx])
+                    window = order[w * self.window:(w + 1) * self.window]
+                    self._hold(window, ahead)
+                    plan, base = self._plan(window, views[window]), w * self.window
+                end = min(b + group, (b // per_window + 1) * per_window, self.steps_per_epoch)
+                lo = b * self.batch_size - base
+                yield epoch, self._gather(plan, lo, lo + (end - b) * self.batch_size)
+                b = end
             epoch, first = epoch + 1, 0
             order = next_order if next_order is not None else self.epoch_order(epoch)
 
@@ -193,13 +247,13 @@ class ShardedLoader:
                 self._block_of[:], self._copied_rows = 0, self.num_samples
             return
         needed = self._shards_of(window_idx)
-        if all(r.direct for r in self._readers.values()):
+        if self._maps.direct:
             for s in self._shards_of(next_idx):
-                self._open_shard(s)  # maps it and starts the kernel's read-ahead
+                self._maps.open(s)  # maps it and starts the kernel's read-ahead
         if needed == self._held:
             return
         self._blocks, self._held, self._copied_rows = [], [], 0  # free the old window first
-        parts = [self._open_shard(s) for s in needed]
+        parts = [self._maps.open(s) for s in needed]
         self._block_of[:] = -1
         if sum(r.row_nbytes for r in self._readers.values()) <= CONTIGUOUS_ROW_BYTES:
             sizes = [p[self.names[0]].shape[0] for p in parts]
@@ -226,37 +280,39 @@ class ShardedLoader:
     def _shards_of(self, idx: np.ndarray) -> list[int]:
         return np.flatnonzero(np.bincount(idx // self.shard_rows, minlength=self.num_shards)).tolist()
 
-    def _open_shard(self, s: int) -> dict[str, np.ndarray]:
-        """One shard's arrays: kept memory maps when the files allow, else a whole-shard read."""
-        if s in self._maps:
-            self._maps.move_to_end(s)
-            return self._maps[s]
-        maps = {n: r.map(s) for n, r in self._readers.items()}
-        if any(m is None for m in maps.values()):
-            return {n: r.read(s) for n, r in self._readers.items()}
-        self._maps[s] = maps
-        while len(self._maps) * len(self.names) > self.max_mapped_shards:
-            self._maps.popitem(last=False)
-        return maps
+    def _plan(self, idx: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+        """Everything about a window's rows that does not need the data, computed once per window
+        (vectorised) so a batch only slices it: row in its block, block, labels, ids.
 
-    def _gather(self, idx: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
-        """The batch's rows and views. With one block per shard the batch comes grouped by
-        shard (a stable sort), so each group is copied straight into its output slice."""
+        With one block per shard each batch comes grouped by block (a stable sort of
+        every batch's segment, here for the whole window), so a group is copied
+        straight into its output slice; with one block the row is a flat (row, view) index.
+        """
         if len(self._blocks) > 1:
-            by_block = np.argsort(self._block_of[idx // self.shard_rows], kind="stable")
+            blk = self._block_of[idx // self.shard_rows]
+            pos = np.arange(idx.size)
+            by_block = np.lexsort((pos, blk, pos // self.batch_size))  # by batch, then block, then position
             idx, views = idx[by_block], views[by_block]
-        shard = idx // self.shard_rows
-        local = idx + self._row0[shard]
-        batch = {LABELS: self.labels[idx], SAMPLE_IDS: self.sample_ids[idx]}
+        local = idx + self._row0[idx // self.shard_rows]
+        plan = {ROWS: idx, VIEWS: views, LABELS: self.labels[idx], SAMPLE_IDS: self.sample_ids[idx]}
+        if len(self._blocks) == 1:
+            plan["flat"] = local * self.num_views + views
+        else:
+            plan["local"], plan["block"] = local, self._block_of[idx // self.shard_rows]
+        return plan
+
+    def _gather(self, plan: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Batch rows ``lo:hi`` of a window's plan: its arrays (view selected) and bookkeeping."""
+        batch = {k: plan[k][lo:hi] for k in (LABELS, SAMPLE_IDS, ROWS, VIEWS)}
         if len(self._blocks) == 1:
             for n, arr in self._blocks[0].items():
-                batch[n] = arr[local, views]
+                batch[n] = np.take(arr.reshape(-1, *arr.shape[2:]), plan["flat"][lo:hi], axis=0)
             return batch
-        blk = self._block_of[shard]
-        cuts = [0, *(np.flatnonzero(np.diff(blk)) + 1).tolist(), idx.size]
+        local, views, blk = plan["local"][lo:hi], batch[VIEWS], plan["block"][lo:hi]
+        cuts = [0, *(np.flatnonzero(np.diff(blk)) + 1).tolist(), hi - lo]
         for n in self.names:
             ref = self._blocks[int(blk[0])][n]
-            out = np.empty((idx.size, *ref.shape[2:]), ref.dtype)
+            out = np.empty((hi - lo, *ref.shape[2:]), ref.dtype)
             for a, b in zip(cuts[:-1], cuts[1:]):
                 arr = self._blocks[int(blk[a])][n]
                 flat = arr.reshape(-1, *arr.shape[2:])  # (sample * view, ...): a view, no copy

@@ -26,19 +26,10 @@ from PIL import Image
 
 from fae_pipe.artifacts import atomic_write
 from fae_pipe.cache import schema
+from fae_pipe.cache.schema import open_feature_store  # noqa: F401 (re-exported: the stages' import)
 from fae_pipe.data.index import read_index
 from fae_pipe.data.transforms import ImageDecodeError, load_pixels
 from fae_pipe.errors import UserError
-
-
-def open_feature_store(path: str):
-    """The complete ``features.zarr`` at ``path`` (zarr group), or a one-line error."""
-    group, kind = schema.open_store(path)
-    if kind != schema.KIND_FEATURES:
-        raise UserError(f"paths.features = {path} is a {kind} store; expected the features store written by `extract`")
-    if group.attrs.get(schema.A_COMPLETE) is not True:
-        raise UserError(f"feature store {path} is incomplete: finish it with `fae-pipe extract` first")
-    return group
 
 
 @dataclass

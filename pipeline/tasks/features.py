@@ -2,8 +2,10 @@
 
 Image decode + preprocessing run in background threads (so decoding overlaps the
 encoder forward), ``image_encoder.batch_size`` images per forward (all their views
-in one), float16 patch and cls tokens. Batches are cut from the storage shard's
-own start, so the bits written never depend on ``--shards`` or ``--workers``.
+in one), float16 patch and cls tokens, plus the shard's per-channel moments of the
+stored patch tokens (merged into the store's statistics when it completes). Batches
+are cut from the storage shard's own start, so the bits written never depend on
+``--shards`` or ``--workers``.
 Unreadable images become zero rows with ``valid = False`` and a recorded
 (file, reason), or a UserError with ``on_error=fail``.
 """
@@ -16,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from fae_pipe.cache import schema
+from fae_pipe.cache.feature_stats import shard_moments_of_features
 from fae_pipe.errors import UserError
 
 
@@ -125,4 +128,5 @@ class FeatureExtractTask:
         arrays = {schema.FEATURES: feats, schema.CLS: cls, schema.VALID: valid,
                   schema.LABELS: self.index.labels[start:stop].copy(),
                   schema.SAMPLE_IDS: self.index.ids[start:stop].copy()}
-        return arrays, {"failures": failures}
+        # the shard's exact per-channel moments ride in its completion record (cache.feature_stats)
+        return arrays, {"failures": failures, "moments": shard_moments_of_features(feats, valid)}
