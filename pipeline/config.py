@@ -160,7 +160,16 @@ class Sit:
     time_dist: str = F("uniform", "training time distribution", choices=["uniform", "logit_normal"])
     time_mean: float = F(0.0, "logit-normal mean")
     time_std: float = F(1.0, "logit-normal std", min=0.0)
-    shift_mode: str = F("scalar", "timestep shift form", choices=["none", "scalar", "dim"])
+    input: str = F("latents", "what the generator diffuses: latents (paths.latents, FAE) or features "
+                   "(paths.features patch tokens as channel x height x width: RAE)", choices=["latents", "features"])
+    feature_norm: str = F("channel", "features input: exact store statistics per channel, or per position and "
+                          "channel (RAE)", choices=["channel", "position"])
+    repa_weight: float = F(0.0, "REPA loss weight lambda (0.5 in REPA); 0 = no REPA. Targets: the cached "
+                           "paths.features tokens of each batch's samples and views", min=0.0)
+    repa_depth: int = F(0, "block whose output REPA aligns; 0 = the model's default (8 for depth 28)", min=0)
+    repa_projector: str = F("repa_projector", "registry name of the REPA projector MLP")
+    shift_mode: str = F("auto", "timestep shift form; auto = dim for features input (RAE's rule), scalar for "
+                        "latents", choices=["auto", "none", "scalar", "dim"])
     shift: float = F(0.4, "scalar timestep shift (shift_mode=scalar)", min=0.0)
     shift_base_dim: int = F(4096, "base dimension n in a = sqrt(m / n) (shift_mode=dim)", min=1)
     eval_samples: int = F(10_000, "images drawn every train.eval_every steps for the quality curve (FD-DINOv2, "

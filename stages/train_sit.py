@@ -21,53 +21,83 @@ from pathlib import Path
 
 import torch
 
+from fae_pipe.cache import schema
 from fae_pipe.data.latents import LatentBatches
 from fae_pipe.errors import UserError
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.models.registry import create_model, model_kwargs
 from fae_pipe.training.sit_export import SIT_FILE, save_sit_export
-from fae_pipe.training.trainer import Trainer, cpu_state
-from fae_pipe.transport import shift_factor, training_loss
+from fae_pipe.training.trainer import Trainer, adamw, cpu_state
+from fae_pipe.models.repa import align_targets, default_repa_depth, repa_loss
+from fae_pipe.transport import resolve_shift_mode, shift_factor, training_loss
 
 EVAL_FIELDS = ["fd_dinov2", "precision", "recall", "density", "coverage", "eval_samples", "eval_seconds",
                "train_seconds"]
 
 
+def generator_data(cfg, run):
+    """The batches the generator learns from: FAE latents or raw encoder features (RAE), with REPA targets if asked."""
+    s, t = cfg.sit, cfg.sit.train
+    repa = cfg.paths.features if s.repa_weight > 0 else None
+    args = (run.micro_batch, t.seed, run.rank, run.world, run.memory_budget_bytes, t.shuffle_buffer)
+    if s.input == "features":
+        from fae_pipe.data.features import FeatureBatches
+
+        return FeatureBatches(cfg.paths.features, *args, per_position=s.feature_norm == "position",
+                              repa_features=repa)
+    return LatentBatches(cfg.paths.latents, *args, repa_features=repa)
+
+
 def run(cfg, resume: str | None = None) -> dict:
     """Train (or resume) SiT as configured by ``cfg.sit`` / ``cfg.paths``; returns the summary metrics."""
     s, t = cfg.sit, cfg.sit.train
-    run = Trainer("train-sit", cfg, "sit", cfg.paths.sit_run, resume, log_fields=["loss", "grad_norm", "epoch", "samples_per_s"],
+    repa = s.repa_weight > 0
+    run = Trainer("train-sit", cfg, "sit", cfg.paths.sit_run, resume,
+                  log_fields=["loss", *(["repa"] if repa else []), "grad_norm", "epoch", "samples_per_s"],
                   eval_fields=EVAL_FIELDS if s.eval_samples else None)
 
-    # ---- data: normalised latents, this process's share --------------------------------------------------
-    data = LatentBatches(cfg.paths.latents, run.micro_batch, t.seed, run.rank, run.world,
-                         run.memory_budget_bytes, t.shuffle_buffer)
+    # ---- data: normalised latents or features, this process's share --------------------------------------
+    data = generator_data(cfg, run)
     info = data.info
     c, h, w = info.shape
     if h != w:
-        raise UserError(f"{info.path}: latents are {h}x{w}; SiT needs a square latent grid")
+        raise UserError(f"{info.path}: the generator's input grid is {h}x{w}; SiT needs a square grid")
 
-    # ---- model -------------------------------------------------------------------------------------------
+    # ---- model (+ REPA projector) ----------------------------------------------------------------------------
     kwargs = model_kwargs(s.model, in_channels=c, input_size=h, patch_size=s.patch_size,
                           num_classes=info.num_classes)
     torch.manual_seed(t.seed)
     net = create_model(s.model, **kwargs)
     set_attention_backend(net, cfg.runtime.attention)
-    model, _ = run.prepare({"model": net}, identity={"model_name": s.model, "model_kwargs": kwargs,
-                                                     "latent_stats": info.stats.to_dict()})
-    shift = shift_factor(s.shift_mode, s.shift, latent_dim=c * h * w, base_dim=s.shift_base_dim)
+    models, identity = {"model": net}, {"model_name": s.model, "model_kwargs": kwargs, "input": s.input,
+                                        "latent_stats": info.stats.to_dict()}
+    if repa:
+        depth = s.repa_depth or default_repa_depth(net.depth)
+        if not 1 <= depth <= net.depth:
+            raise UserError(f"config error: sit.repa_depth = {s.repa_depth} is invalid: expected 1..{net.depth} "
+                            f"(the blocks of {s.model}) or 0 for the default")
+        target_dim = int(schema.open_feature_store(cfg.paths.features)[schema.FEATURES].shape[-1])
+        models["projector"] = create_model(s.repa_projector, width=kwargs["width"], target_dim=target_dim)
+        identity["repa"] = {"projector": s.repa_projector, "depth": depth, "target_dim": target_dim}
+    optimizers = {name: adamw(m.parameters(), t.lr, t.weight_decay) for name, m in models.items()}
+    prepared = run.prepare(models, optimizers, identity=identity)
+    model, projector = prepared[0], (prepared[1] if repa else None)
+    shift_mode = resolve_shift_mode(s.shift_mode, s.input)
+    shift = shift_factor(shift_mode, s.shift, latent_dim=c * h * w, base_dim=s.shift_base_dim)
     if run.main:
+        extra = f", REPA lambda {s.repa_weight} at block {depth}/{net.depth}" if repa else ""
         print(f"train-sit: {s.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params) on "
-              f"{c}x{h}x{w} latents from {info.path} ({'in RAM' if data.loader.in_ram else 'streaming'}); "
-              f"world size {run.world}, global batch {t.batch_size} = {run.world} x {t.grad_accum} x "
-              f"{run.micro_batch}; steps {run.start}->{t.steps}", flush=True)
+              f"{c}x{h}x{w} {s.input} from {info.path} ({'in RAM' if data.loader.in_ram else 'streaming'}); "
+              f"time shift {shift_mode} (a = {shift:.3g}){extra}; world size {run.world}, global batch "
+              f"{t.batch_size} = {run.world} x {t.grad_accum} x {run.micro_batch}; steps {run.start}->{t.steps}",
+              flush=True)
 
     # ---- quality against steps (only when asked: it builds the decoders and the metric encoder) ----------
     evaluate = None
     if s.eval_samples:
-        from fae_pipe.sampling.progress import QualityProbe, latent_decoder
+        from fae_pipe.sampling.progress import QualityProbe, pixel_decoder_for
 
-        probe = QualityProbe(cfg, latent_decoder(cfg, info, run.device), info.shape, info.num_classes,
+        probe = QualityProbe(cfg, pixel_decoder_for(cfg, info, run.device), info.shape, info.num_classes,
                              info.num_classes, shift, s.eval_samples, s.eval_sampler_steps, run.device, run.rank,
                              run.world, run.accelerator.gather)
 
@@ -76,22 +106,33 @@ def run(cfg, resume: str | None = None) -> dict:
 
     # ---- loop --------------------------------------------------------------------------------------------
     model.train()
-    batches = data.from_step(run.start * t.grad_accum, run.device)
+    batches = (data.from_step_with_repa if repa else data.from_step)(run.start * t.grad_accum, run.device)
     for step in run.steps(evaluate):
         total = torch.zeros((), device=run.device)
+        aligned = torch.zeros((), device=run.device)
         for a in range(t.grad_accum):
-            epoch, x, y = next(batches)
+            epoch, x, y, *targets = next(batches)
             gen = run.generator(step, f"micro{a}")
             drop = torch.rand(y.shape[0], generator=gen, device=gen.device).to(y.device) < s.label_dropout
             y = torch.where(drop, torch.full_like(y, info.num_classes), y)
-            with run.accelerator.accumulate(model):
+            with run.accelerator.accumulate(*prepared[:len(models)]):
                 out = training_loss(model, x, y, generator=gen, time_dist=s.time_dist, time_mean=s.time_mean,
-                                    time_std=s.time_std, shift=shift)
-                run.backward(out.loss)
-            total += out.loss.detach()
+                                    time_std=s.time_std, shift=shift, hidden_at=depth if repa else None)
+                loss = out.loss
+                if repa:
+                    with run.accelerator.autocast():
+                        projected = projector(out.hidden)
+                    align = repa_loss(projected, align_targets(targets[0], net.grid, data.repa.grid))
+                    loss = loss + s.repa_weight * align
+                    aligned += align.detach()
+                run.backward(loss)
+            total += loss.detach()
         loss = total / t.grad_accum
         grad_norm = run.update("model", loss)
-        run.log(loss=loss, grad_norm=grad_norm if t.grad_clip > 0 else None, epoch=epoch)
+        if repa:
+            run.update("projector", loss)
+        run.log(loss=loss, repa=aligned / t.grad_accum if repa else None,
+                grad_norm=grad_norm if t.grad_clip > 0 else None, epoch=epoch)
 
     # ---- save --------------------------------------------------------------------------------------------
     def export(summary: dict) -> Path:
@@ -101,7 +142,8 @@ def run(cfg, resume: str | None = None) -> dict:
                         ema_state_dict=None if run.ema is None else cpu_state(run.ema.model),
                         latent_stats=info.stats.to_dict(), fae_fingerprint=info.fae_fingerprint,
                         num_classes=info.num_classes, latent_shape=list(info.shape),
-                        transport={"shift_mode": s.shift_mode, "shift": s.shift, "shift_base_dim": s.shift_base_dim,
+                        transport={"shift_mode": shift_mode, "shift_mode_config": s.shift_mode, "shift": s.shift,
+                                   "shift_base_dim": s.shift_base_dim, "generator_input": s.input,
                                    "shift_factor": shift, "time_dist": s.time_dist, "null_class": info.num_classes},
                         config=cfg.to_dict(), step=t.steps)
         return path

@@ -136,7 +136,7 @@ def test_quality_curve_of_train_sit_is_the_evaluate_metric_of_its_ema(tiny):
     import csv
 
     from fae_pipe.data.latents import read_latent_info
-    from fae_pipe.sampling.progress import QualityProbe, latent_decoder
+    from fae_pipe.sampling.progress import QualityProbe, pixel_decoder_for
     from fae_pipe.training.sit_export import build_sit_from_export, load_sit_export
 
     cfg = load_config(str(tiny))
@@ -148,7 +148,7 @@ def test_quality_curve_of_train_sit_is_the_evaluate_metric_of_its_ema(tiny):
     assert 0 < float(rows[0]["train_seconds"]) < float(rows[1]["train_seconds"])
     export = load_sit_export(f"{cfg.paths.sit_run}/sit.safetensors")
     info, _ = read_latent_info(cfg.paths.latents, schema.open_store(cfg.paths.latents)[0])
-    probe = QualityProbe(cfg, latent_decoder(cfg, info, torch.device("cpu")), info.shape, info.num_classes,
+    probe = QualityProbe(cfg, pixel_decoder_for(cfg, info, torch.device("cpu")), info.shape, info.num_classes,
                          info.num_classes, export["transport"]["shift_factor"], 6, 2, torch.device("cpu"))
     ema = build_sit_from_export(export, use_ema=True)
     first, again = probe(ema), probe(ema)

@@ -246,6 +246,41 @@ class FeatureAutoencoder:
         return pixels_to_unit(self.pixel_decoder(features.to(self.device, torch.float32)))
 
 
+class FeaturePixelDecoder:
+    """Normalised encoder features (B, C, H, W) -> images: the decode path of a generator trained on raw features (RAE).
+
+    No FAE in between: the generator's outputs are the encoder's own patch tokens in the
+    feature store's normalisation (``stats``), and the phase-1 pixel decoder, trained on
+    noisy real features, is RAE's decoder. Same ``decode(x, output="pixels")`` call as
+    ``FeatureAutoencoder`` so samplers need not know which space they sample in.
+    """
+
+    def __init__(self, pixel_decoder, grid, stats: LatentStats):
+        self.pixel_decoder, self.grid, self.stats = pixel_decoder, tuple(int(g) for g in grid), stats
+        self.device = next(pixel_decoder.parameters()).device
+
+    @classmethod
+    def load(cls, decoder_path: str | Path, stats: LatentStats, device: torch.device | str = "cpu",
+             attention: str = "sdpa") -> FeaturePixelDecoder:
+        dec = load_decoder_file(decoder_path)
+        pdec = build_frozen(dec["model"], dec["state_dict"], device)
+        set_attention_backend([pdec], attention)
+        return cls(pdec, (pdec.grid_size, pdec.grid_size), stats)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pixel_decoder.in_dim)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor, output: str = "pixels") -> torch.Tensor:
+        if output not in ("features", "pixels"):
+            raise UserError(f"decode output: {output!r} is not valid; valid: 'features', 'pixels'")
+        feats = grid_to_tokens(self.stats.denormalize(x.to(self.device, torch.float32)))
+        if output == "features":
+            return feats
+        return pixels_to_unit(self.pixel_decoder(feats))
+
+
 def pixels_to_unit(images: torch.Tensor) -> torch.Tensor:
     """Decoder output in [-1, 1] (unclamped) -> images in [0, 1]."""
     return ((images.float().clamp(-1.0, 1.0) + 1.0) * 0.5).clamp(0.0, 1.0)

@@ -26,7 +26,7 @@ import torch
 from fae_pipe.artifacts import export_fingerprints, file_fingerprint
 from fae_pipe.cache.latent_stats import LatentStats
 from fae_pipe.errors import UserError
-from fae_pipe.fae.autoencoder import DECODER_FILE, FAE_FILE, FeatureAutoencoder
+from fae_pipe.fae.autoencoder import DECODER_FILE, FAE_FILE, FeatureAutoencoder, FeaturePixelDecoder
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.sampling.plan import batch_generator, sample_noise
 from fae_pipe.training.sit_export import SIT_FILE, build_sit_from_export, load_sit_export
@@ -77,17 +77,25 @@ class ImageGenerator:
         ``runtime.attention`` setting; see ``fae_pipe.models.layers.attention``).
         """
         export = load_sit_export(sit_path)
-        check_fae_match(export, sit_path, fae_path)
+        transport = export.get("transport") or {}
+        raw_features = transport.get("generator_input") == "features"  # RAE: no FAE between SiT and pixels
+        if not raw_features:
+            check_fae_match(export, sit_path, fae_path)
         if use_ema and export.get("ema_state_dict") is None:
             print(f"sample: note: {sit_path} has no EMA weights (sit.train.ema_decay = 0); using the raw weights",
                   file=sys.stderr)
         stats = LatentStats.from_dict(export.get("latent_stats"), str(sit_path))
-        fae = FeatureAutoencoder.load(fae_path, decoder_path, stats=stats, device=device, attention=attention)
+        if raw_features:
+            fae = FeaturePixelDecoder.load(decoder_path, stats, device, attention)
+            source = decoder_path
+        else:
+            fae = FeatureAutoencoder.load(fae_path, decoder_path, stats=stats, device=device, attention=attention)
+            source = fae_path
         shape = tuple(int(v) for v in export["latent_shape"])
         if (fae.latent_channels, *fae.grid) != shape:
-            raise UserError(f"{sit_path} makes {shape[0]}x{shape[1]}x{shape[2]} latents but {fae_path} decodes "
-                            f"{fae.latent_channels}x{fae.grid[0]}x{fae.grid[1]}: use the FAE the SiT was trained for")
-        transport = export.get("transport") or {}
+            raise UserError(f"{sit_path} makes {shape[0]}x{shape[1]}x{shape[2]} outputs but {source} decodes "
+                            f"{fae.latent_channels}x{fae.grid[0]}x{fae.grid[1]}: use the decoders the SiT was "
+                            "trained for")
         sit = set_attention_backend(build_sit_from_export(export, use_ema=use_ema).to(device), attention)
         num_classes = int(export["num_classes"])
         return cls(sit, fae, shape, num_classes, float(transport.get("shift_factor", 1.0)), int(transport.get("null_class", num_classes)), device)

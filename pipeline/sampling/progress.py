@@ -28,20 +28,25 @@ from fae_pipe.sampling.plan import balanced_labels, batch_generator, process_bat
 from fae_pipe.transport import as_schedule, sample
 
 
-def latent_decoder(cfg, info, device):
-    """Normalised FAE latents -> uint8 images, with the FAE export the latents were encoded with."""
+def pixel_decoder_for(cfg, info, device):
+    """Normalised generator outputs -> uint8 images: FAE latents through the FAE export the latents were
+    encoded with and the pixel decoder; raw features (RAE) through the pixel decoder alone."""
     from fae_pipe.artifacts import export_fingerprints
+    from fae_pipe.cache import schema
     from fae_pipe.errors import UserError
-    from fae_pipe.fae.autoencoder import FeatureAutoencoder
+    from fae_pipe.fae.autoencoder import FeatureAutoencoder, FeaturePixelDecoder
     from fae_pipe.sampling.generator import default_paths, to_uint8
 
     _, fae_path, decoder_path = default_paths(cfg.paths)
-    if info.fae_fingerprint is not None and info.fae_fingerprint not in export_fingerprints(fae_path):
-        raise UserError(f"{info.path} was encoded by another FAE than {fae_path}: the quality curve would decode "
-                        "with the wrong feature decoder; re-run encode or set sit.eval_samples=0")
-    fae = FeatureAutoencoder.load(fae_path, decoder_path, stats=info.stats, device=device,
-                                  attention=cfg.runtime.attention)
-    return lambda x: to_uint8(fae.decode(x, output="pixels"))
+    if info.kind == schema.KIND_FEATURES:
+        decoder = FeaturePixelDecoder.load(decoder_path, info.stats, device, cfg.runtime.attention)
+    else:
+        if info.fae_fingerprint is not None and info.fae_fingerprint not in export_fingerprints(fae_path):
+            raise UserError(f"{info.path} was encoded by another FAE than {fae_path}: the quality curve would "
+                            "decode with the wrong feature decoder; re-run encode or set sit.eval_samples=0")
+        decoder = FeatureAutoencoder.load(fae_path, decoder_path, stats=info.stats, device=device,
+                                          attention=cfg.runtime.attention)
+    return lambda x: to_uint8(decoder.decode(x, output="pixels"))
 
 
 class QualityProbe:

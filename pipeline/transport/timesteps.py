@@ -30,7 +30,7 @@ import torch
 from fae_pipe.errors import UserError
 
 TIME_DISTS = ("uniform", "logit_normal")
-SHIFT_MODES = ("none", "scalar", "dim")
+SHIFT_MODES = ("auto", "none", "scalar", "dim")
 BASE_DIM = 4096
 
 
@@ -82,13 +82,22 @@ def shift_t(t: torch.Tensor | float, a: float) -> torch.Tensor | float:
     return at / (at + (1 - t))
 
 
+def resolve_shift_mode(mode: str, generator_input: str = "latents") -> str:
+    """``auto`` -> ``dim`` for raw encoder features (RAE's a = sqrt(H*W*C / base)), ``scalar`` for latents."""
+    if mode != "auto":
+        return mode
+    return "dim" if generator_input == "features" else "scalar"
+
+
 def shift_factor(
     mode: str = "none",
     value: float | None = None,
     latent_dim: int | None = None,
     base_dim: int = BASE_DIM,
+    generator_input: str = "latents",
 ) -> float:
-    """Resolve a shift config to the factor ``a`` of ``shift_t`` (see module docstring)."""
+    """Resolve a shift config to the factor ``a`` of ``shift_t`` (see module docstring; ``auto``: resolve_shift_mode)."""
+    mode = resolve_shift_mode(mode, generator_input)
     if mode == "none":
         return 1.0
     if mode == "scalar":
