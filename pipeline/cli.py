@@ -272,6 +272,18 @@ def feature_stats_cmd(path, per_position):
     click.echo(f"feature-stats: {path}: {stats.channels} channels over {stats.count} values each -> {where}")
 
 
+@cli.command("compare-report")
+@click.argument("runs", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON table to write (a DVC metrics file)")
+@click.option("--metrics-root", default=None, type=click.Path(file_okay=False),
+              help="directory holding <variant>/sit.json (the runs' paths.metrics), for steps/s")
+def compare_report_cmd(runs, out, metrics_root):
+    """One table (final/best FD-DINOv2, seconds, steps/s) of train-sit runs compared on one cache."""
+    from fae_pipe.stages.compare_report import run
+
+    run(list(runs), out, metrics_root)
+
+
 @cli.command("convert-export")
 @click.argument("old", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), default=None,

@@ -284,3 +284,11 @@ def test_param_checker_reports_a_bad_or_missing_param(stage, old, new, expected)
     params[params.index(old):params.index(old) + 1] = [new] if new else []
     problems = [p for p in param_problems(broken) if p not in param_problems(dvc)]
     assert len(problems) == len(expected) and all(p.startswith(e) for p, e in zip(problems, expected)), problems
+
+
+def test_the_comparison_stages_depend_on_what_train_sit_does():
+    """compare/dvc.yaml runs train-sit per variant: same code and artefact deps as the root train-sit stage."""
+    root = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train-sit"]
+    compare = yaml.safe_load((REPO / "compare" / "dvc.yaml").read_text())["stages"]["train"]["do"]
+    assert compare["wdir"] == ".." and compare["deps"] == root["deps"]
+    assert compare["cmd"].startswith("fae-pipe train-sit --resume auto")

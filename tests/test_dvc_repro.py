@@ -39,6 +39,7 @@ def project(tmp_path_factory):
     for d in ("pipeline", "stages"):
         shutil.copytree(REPO / d, root / d, ignore=ignore)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "compare", root / "compare", ignore=ignore)
     # params.yaml holds every key (dvc.yaml interpolates paths.*): the resolved ci config.
     (root / "params.yaml").write_text(_run(["fae-pipe", "config", "--config", str(REPO / "configs/ci.yaml")], root))
     _run(["git", "init", "-q"], root)
@@ -77,6 +78,24 @@ def test_second_repro_is_a_noop_and_metrics_show(project):
         assert name in shown
 
 
+def test_the_comparison_runs_from_the_same_cache_in_one_command(project):
+    """compare/dvc.yaml: four generators on the main pipeline's caches (nothing upstream re-runs),
+    one table and the two FD-DINOv2 plots (against steps, against training seconds)."""
+    root, _ = project
+    out = _run(["dvc", "repro", "compare/dvc.yaml"], root)
+    ran = {name.removeprefix("compare/dvc.yaml:") for name in _ran(out)}
+    assert ran == {"train@fae", "train@rae", "train@fae_repa", "train@rae_repa", "report"}, out[-2000:]
+    table = json.loads((root / "metrics/compare.json").read_text())
+    assert set(table) == {"fae", "rae", "fae_repa", "rae_repa"}
+    assert {v["input"] for v in table.values()} == {"latents", "features"}
+    assert all(np.isfinite(v["fd_dinov2_final"]) and v["steps"] == 8 for v in table.values())
+    assert table["fae_repa"]["repa_weight"] == 0.5 and table["rae"]["repa_weight"] == 0.0
+    _run(["dvc", "plots", "show", "compare/dvc.yaml", "-o", "compare_plots"], root)
+    page = (root / "compare_plots" / "index.html").read_text()
+    assert "fd_vs_steps" in page and "fd_vs_seconds" in page and "train_seconds" in page
+    assert "Running stage" not in _run(["dvc", "repro", "compare/dvc.yaml"], root)  # a no-op the second time
+
+
 def test_exp_run_with_a_sit_setting_reruns_only_sit_and_after(project):
     root, _ = project
     out = _run(["dvc", "exp", "run", "-S", "sit.train.steps=10"], root)
@@ -91,15 +110,16 @@ def _ran(out: str) -> set[str]:
 
 def test_a_code_edit_that_changes_no_weights_keeps_the_fae_and_everything_pinned_to_it(project):
     root, _ = project
-    fae = root / "runs/fae/fae.safetensors"
-    before = fae.read_bytes()
+    fae, decoder = root / "runs/fae/fae.safetensors", root / "runs/decoder/decoder.safetensors"
+    before = fae.read_bytes(), decoder.read_bytes()
     with open(root / "pipeline/fae/losses.py", "a") as f:
         f.write("\n# an edit that changes no computation\n")
     ran = _ran(_run(["dvc", "repro"], root))
     # encode runs too (it imports pipeline/fae) but finds its store complete under the same
-    # config hash, so the latents do not change and SiT is not retrained
-    assert "train-fae" in ran and "train-sit" not in ran, ran
-    assert fae.read_bytes() == before
+    # config hash, so the latents do not change; both exports keep their bytes, so SiT (whose
+    # quality curve decodes with them) is not retrained
+    assert {"train-fae", "train-decoder"} <= ran and "train-sit" not in ran, ran
+    assert (fae.read_bytes(), decoder.read_bytes()) == before
 
 
 def test_exp_run_with_an_fae_setting_rebuilds_the_latents_and_retrains_sit(project):

@@ -63,9 +63,16 @@ def save_fae_file(path: str | Path, payload: dict) -> Path:
     return save_export(path, *split_payload({**payload, "format": FAE_FORMAT}, FAE_GROUPS))
 
 
+DECODER_IDENTITY = ("format", "model", "stage", "image_size", "grid", "feature_dim", "views", "ema", "steps",
+                    "source_features", "fae_fingerprint")
+
+
 def save_decoder_file(path: str | Path, payload: dict) -> Path:
-    """Write a ``decoder.safetensors`` from the export dict (``format`` = ``DECODER_FORMAT``)."""
-    return save_export(path, *split_payload({**payload, "format": DECODER_FORMAT}, DECODER_GROUPS))
+    """Write a ``decoder.safetensors`` from the export dict (``format`` = ``DECODER_FORMAT``), unless
+    ``path`` holds the same weights for the same identity (``save_unless_same_weights``: its sha256 stays)."""
+    save_unless_same_weights(path, *split_payload({**payload, "format": DECODER_FORMAT}, DECODER_GROUPS),
+                             DECODER_IDENTITY)
+    return Path(path)
 
 
 def save_unless_same_weights(path: str | Path, groups: dict, meta: dict, identity_keys: tuple[str, ...]) -> bool:
