@@ -96,11 +96,12 @@ BENCHES: dict[str, Stage] = {
                                   help="bench the feature store (paths.features, or with --synthetic C channels "
                                        "on an HxW token grid) and FeatureBatches, with REPA targets too"))),
     "train-step": Stage("bench_train_step", ["sit", "image_encoder", "fae", "data", "paths", ATTENTION],
-                        "SiT steps/s on cached latents vs the online encoder path, with the FLOP-expected ratio.",
+                        "SiT steps/s on cached latents vs the online encoder path, with the FLOP-expected ratio; "
+                        "with sit.repa_weight > 0 also SiT + REPA, targets from paths.features vs DINOv2 online.",
                         (click.Option(["--synthetic"], type=int, default=None, metavar="N",
-                                      help="bench a temporary store of random latents for the first N images of "
-                                           "paths.index, shaped by the configured encoder and FAE, instead of "
-                                           "paths.latents"),)),
+                                      help="bench a temporary store of random latents (and, with REPA, of random "
+                                           "features) for the first N images of paths.index, shaped by the "
+                                           "configured encoder and FAE, instead of paths.latents"),)),
 }
 
 KEY_COLUMN = 40  # characters of `key = value` before the help column

@@ -43,8 +43,14 @@ def write_random_latent_store(path, shape: tuple[int, int, int, int, int], shard
 
 
 def write_random_feature_store(path, shape: tuple[int, int, int, int], grid: tuple[int, int], shard_samples: int,
-                               chunk_samples: int, num_classes: int = 1000) -> Path:
-    """Write a complete ``(sample, view, token, channel)`` fp16 N(0, 1) feature store with its statistics."""
+                               chunk_samples: int, num_classes: int = 1000, labels: np.ndarray | None = None,
+                               attrs: dict | None = None) -> Path:
+    """Write a complete ``(sample, view, token, channel)`` fp16 N(0, 1) feature store with its statistics.
+
+    Sample ids are ``0..n-1`` as in ``write_random_latent_store``, so a latent and a
+    feature store written for the same n (and ``attrs`` naming the same views) pair up
+    as a generator store and its REPA targets (``fae_pipe.data.repa``).
+    """
     from fae_pipe.cache.feature_stats import compute_feature_stats
 
     n, views, tokens, dim = shape
@@ -53,13 +59,13 @@ def write_random_feature_store(path, shape: tuple[int, int, int, int], grid: tup
     while shard % chunk:
         chunk -= 1
     group = schema.create_feature_store(path, n, views, tokens, dim, grid, shard, chunk,
-                                        {schema.A_NUM_CLASSES: int(num_classes)})
+                                        {schema.A_NUM_CLASSES: int(num_classes), **(attrs or {})})
     rng = np.random.default_rng(0)
     for lo in range(0, n, shard):
         hi = min(n, lo + shard)
         group[schema.FEATURES][lo:hi] = rng.standard_normal((hi - lo, views, tokens, dim), np.float32).astype(np.float16)
         group[schema.CLS][lo:hi] = 0
-    group[schema.LABELS][:] = rng.integers(0, num_classes, n)
+    group[schema.LABELS][:] = rng.integers(0, num_classes, n) if labels is None else np.asarray(labels)[:n]
     group[schema.SAMPLE_IDS][:] = np.arange(n)
     group[schema.VALID][:] = True
     group.attrs[schema.A_COMPLETE] = True
