@@ -6,8 +6,8 @@ down exactly once, here.
 
 Naming scheme: an FAE is three separately trained modules, registered as
 ``<family>.encoder``, ``<family>.feature_decoder`` and ``<family>.pixel_decoder``
-(families: fae_dinov2_g (paper), fae_dinov2_b, fae_dinov2_s, fae_demo (the offline
-demo, 4x4 tokens) and fae_tiny (the tests, 8x8 tokens)); ``fae_parts(family)`` gives the three names. Generators are ``sit_*``
+(families: fae_dinov2_g (paper), fae_dinov2_b, fae_dinov2_s and fae_tiny (the offline
+demo and the tests, 8x8 tokens)); ``fae_parts(family)`` gives the three names. Generators are ``sit_*``
 and ``lightningdit_*`` (``_dh``: with RAE's wide DDT head), discriminators ``patchgan*``,
 REPA projectors ``repa_projector*`` (built with ``width=`` and ``target_dim=``). Each entry
 also has a ``kind`` for ``list_models(kind)``: fae_encoder, feature_decoder,
@@ -93,15 +93,10 @@ _register_fae("fae_dinov2_b", 768, 32, 12, 256,
               fd=dict(width=768, depth=6, heads=12, mlp_ratio=4.0, learned_pos_grid=16), pd=_VIT_L_PIXEL)
 _register_fae("fae_dinov2_s", 384, 32, 6, 256,
               fd=dict(width=384, depth=6, heads=6, mlp_ratio=4.0, learned_pos_grid=16), pd=_VIT_L_PIXEL)
-# Tests: DINOv2-S at 112 px -> 8x8x384 tokens -> 8x8x8 latent -> 64 px images.
+# The offline demo and the tests: DINOv2-S at 112 px -> 8x8x384 tokens -> 8x8x8 latent -> 64 px images.
 _register_fae("fae_tiny", 384, 8, 4, 32,
               fd=dict(width=128, depth=2, heads=4, mlp_ratio=4.0),
               pd=dict(grid_size=8, patch_size=8, width=128, depth=2, heads=4, mlp_ratio=4.0))
-
-# Offline demo on 2 CPU cores: DINOv2-S at 56 px -> 4x4x384 tokens -> 4x4x8 latent -> 64 px images.
-_register_fae("fae_demo", 384, 8, 4, 32,
-              fd=dict(width=128, depth=2, heads=4, mlp_ratio=4.0),
-              pd=dict(grid_size=4, patch_size=16, width=128, depth=2, heads=4, mlp_ratio=4.0))
 
 # SiT sizes (DiT table); defaults are FAE-32 latents at 256 px, patch 1, ImageNet classes.
 _SIT_DATA = dict(input_size=16, patch_size=1, in_channels=32, num_classes=1000, mlp_ratio=4.0)
