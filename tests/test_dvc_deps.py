@@ -292,3 +292,5 @@ def test_the_comparison_stages_depend_on_what_train_sit_does():
     compare = yaml.safe_load((REPO / "compare" / "dvc.yaml").read_text())["stages"]["train"]["do"]
     assert compare["wdir"] == ".." and compare["deps"] == root["deps"]
     assert compare["cmd"].startswith("fae-pipe train-sit --resume auto")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert all(p.split(".")[0] in params for p in compare["params"]), compare["params"]  # dvc refuses a missing one
