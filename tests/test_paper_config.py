@@ -27,7 +27,10 @@ def test_config_holds_the_papers_settings(cfg):
     assert (cfg.fae.train.lr, cfg.fae.train.warmup, cfg.fae.train.steps, cfg.fae.train.batch_size) == (1e-4, 1000, 1_000_000, 1024)
     assert (cfg.decoder.noise_sigma, cfg.decoder.train.steps, cfg.decoder.train.batch_size) == (0.4, 1_000_000, 512)
     assert (cfg.sit.model, cfg.sit.patch_size, cfg.sit.train.steps, cfg.sit.train.batch_size) == ("sit_xl", 1, 2_000_000, 512)
-    assert (cfg.sit.train.lr, cfg.sit.train.warmup, cfg.sit.shift_mode, cfg.sit.shift) == (1e-4, 0, "scalar", 0.4)
+    assert (cfg.sit.train.lr, cfg.sit.train.warmup, cfg.sit.shift_mode, cfg.sit.shift) == (1e-4, 0, "auto", 0.4)
+    from fae_pipe.transport import resolve_shift_mode
+
+    assert resolve_shift_mode(cfg.sit.shift_mode, cfg.sit.input) == "scalar"  # the paper's 0.4 on FAE latents
     assert cfg.sample.steps == 250 and cfg.sample.guidance[-1] == [0.0, 0.7, 2.5]
 
 
