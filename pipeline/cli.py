@@ -102,6 +102,20 @@ BENCHES: dict[str, Stage] = {
                                       help="bench a temporary store of random latents (and, with REPA, of random "
                                            "features) for the first N images of paths.index, shaped by the "
                                            "configured encoder and FAE, instead of paths.latents"),)),
+    "stages": Stage("bench_stages", ["image_encoder", "fae", "decoder", "encode", "sit", "sample", "evaluate", "data",
+                                     "paths", ATTENTION],
+                    "Roofline: every stage's FLOP/s against this machine's matmul peak, samples/s, step time split.",
+                    (click.Option(["--synthetic"], is_flag=True, default=False,
+                                  help="paper shapes with B-sized models (DINOv2-B at 224 px, fae_dinov2_b, sit_b: "
+                                       "16x16 tokens, 32-channel latents) and small batches"),
+                     click.Option(["--competitor"], is_flag=True, default=False,
+                                  help="training stages idle vs beside one busy process, under this process's "
+                                       "OMP_WAIT_POLICY and ACTIVE"),
+                     click.Option(["--compile", "compile_"], is_flag=True, default=False,
+                                  help="training stages eager vs torch.compile (compile_in_place), side by side"),
+                     click.Option(["--only"], default=None, metavar="STAGE,...",
+                                  help="bench only these stages (extract, train-fae, train-decoder, encode, "
+                                       "train-sit, sample, evaluate)"))),
 }
 
 KEY_COLUMN = 40  # characters of `key = value` before the help column
