@@ -27,6 +27,7 @@ ALLOWED = {
     "train-fae": {"resume"}, "train-decoder": {"resume"}, "train-sit": {"resume"},
     "sample": set(), "evaluate": set(), "probe": set(),
     "bench extract": set(), "bench loader": {"synthetic", "features"}, "bench train-step": {"synthetic"},
+    "bench stages": {"synthetic", "competitor", "compile_", "only"},
 }
 
 

@@ -91,5 +91,17 @@ def build(root: Path) -> Path:
 
 
 def session_pipeline(tmp_path_factory) -> Path:
-    """The shared build for this pytest session (its config file path)."""
-    return build(tmp_path_factory.getbasetemp() / "tiny_pipeline")
+    """The shared build for this pytest session (its config file path).
+
+    Under pytest-xdist (``scripts/test.sh`` runs two workers) the workers share one build
+    in the run's common temp directory: the first to get the lock builds, the other waits.
+    """
+    import fcntl
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-of-<user>/pytest-<n>/: common to the workers of this run
+    with open(base / "tiny_pipeline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build(base / "tiny_pipeline")
