@@ -3,9 +3,12 @@
 Why a policy at all: on a shared 2-core machine, OpenMP's default wait (threads spin
 for a while before sleeping) makes a training step stall whenever another CPU-bound
 process holds one of the cores: the spinning thread waits for a partner that is not
-scheduled. Measured with ``fae-pipe bench stages --competitor`` (docs/performance.md):
-with one competing process, the demo SiT step fell 3.5x under the default wait policy
-and ~1.6x with ``OMP_WAIT_POLICY=PASSIVE``, which costs little on an idle machine.
+scheduled. Measured with ``fae-pipe bench stages --competitor`` (docs/performance.md,
+demo config, one busy process beside the run): train-fae / train-decoder / train-sit slow
+down 1.69x / 1.41x / 1.28x under ``OMP_WAIT_POLICY=PASSIVE`` and 3.2x / 3.2x / 3.9x under
+ACTIVE (the target is <= 2x). PASSIVE's price is paid on a quiet machine by models this
+small (a sleep and wake-up per parallel region); at paper shapes the regions are long and
+it vanishes. A dedicated node may set ``OMP_WAIT_POLICY=ACTIVE``: a user's value is kept.
 
 Two parts, applied at two moments:
 
