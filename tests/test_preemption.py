@@ -213,24 +213,29 @@ def test_extract_sigterm_finishes_the_shard_then_resumes_bit_identically(tmp_pat
     store = tmp_path / "cache/term.zarr"
     proc = popen(tmp_path, "extract", "--config", "tiny.yaml", "--set", "paths.features=cache/term.zarr",
                  "--shards", "3", "--set", "data.decode_workers=0")
-    done_dir = store / ".fae/done"
-    deadline = time.monotonic() + 240
+    finished = sigterm_after_first_shard(proc, store, "extract", 6)
+    resumed = extract_cli(tmp_path, "extract", "--config", "tiny.yaml", "--set", "paths.features=cache/term.zarr")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{6 - finished} shards written, {finished} skipped" in resumed.stdout
+    assert_same_arrays(read_arrays(store), read_arrays(tmp_path / "cache/features.zarr"))
+
+
+def sigterm_after_first_shard(proc: subprocess.Popen, store: Path, stage: str, shards: int) -> int:
+    """SIGTERM ``proc`` once its first storage shard is recorded; check the clean stop; return the shards done."""
+    done_dir, deadline = store / ".fae/done", time.monotonic() + 240
     while not (done_dir.is_dir() and any(done_dir.glob("shard-*.json"))):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.monotonic() < deadline
-        time.sleep(0.002)
+        time.sleep(0.001)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == STOP_EXIT_CODE, stderr[-2000:]
     finished = len(list(done_dir.glob("shard-*.json")))
     line = [ln for ln in stderr.splitlines() if "stop signal" in ln]
-    assert line == [f"extract: stop signal (SIGTERM): {finished} of 6 storage shards complete, the rest left cleanly "
-                    "without records; run the same command again to continue"], stderr[-2000:]
-    assert 1 <= finished < 6 and not (store / ".fae/lock").exists()
-    resumed = extract_cli(tmp_path, "extract", "--config", "tiny.yaml", "--set", "paths.features=cache/term.zarr")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"{6 - finished} shards written, {finished} skipped" in resumed.stdout
-    assert_same_arrays(read_arrays(store), read_arrays(tmp_path / "cache/features.zarr"))
+    assert line == [f"{stage}: stop signal (SIGTERM): {finished} of {shards} storage shards complete, the rest left "
+                    "cleanly without records; run the same command again to continue"], stderr[-2000:]
+    assert 1 <= finished < shards and not (store / ".fae/lock").exists()
+    return finished
 
 
 @pytest.mark.slow
@@ -250,19 +255,7 @@ def test_encode_sigterm_finishes_the_shard_then_resumes_bit_identically(tmp_path
     args = [sys.executable, "-m", "fae_pipe.cli", "encode", "--config", str(cfg), "--set", f"paths.latents={store}"]
     proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    done_dir, deadline = store / ".fae/done", time.monotonic() + 240
-    while not (done_dir.is_dir() and any(done_dir.glob("shard-*.json"))):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == STOP_EXIT_CODE, stderr[-2000:]
-    finished = len(list(done_dir.glob("shard-*.json")))
-    line = [ln for ln in stderr.splitlines() if "stop signal" in ln]
-    assert line == [f"encode: stop signal (SIGTERM): {finished} of 16 storage shards complete, the rest left cleanly "
-                    "without records; run the same command again to continue"], stderr[-2000:]
-    assert 1 <= finished < 16 and not (store / ".fae/lock").exists()
+    finished = sigterm_after_first_shard(proc, store, "encode", 16)
     resumed = fae_cli("encode", "--config", str(cfg), "--set", f"paths.latents={store}")
     assert f"{16 - finished} shards written, {finished} skipped" in resumed.stderr
     assert data_files(store) == data_files(tmp_path / "latents.zarr")
