@@ -54,7 +54,8 @@ def check_attention_backend(backend: str, key: str = "runtime.attention") -> str
     return backend
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention over (B, H, N, Dh) tensors, returning (B, H, N, Dh).
 
     ``backend`` is chosen explicitly, never by what happens to be installed:
@@ -64,7 +65,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     UserError there when xformers does not import. xformers has no CPU kernel, so
     CPU tensors always take SDPA, also when "xformers" was asked for (a model
     configured for a GPU still runs in CPU tests and tools).
+
+    ``mask`` (boolean, broadcastable to (B, H, N, M), True = attend) restricts the keys,
+    e.g. the padding of variable-length text tokens in joint attention; masked calls
+    always take SDPA.
     """
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if check_attention_backend(backend) == "xformers" and q.is_cuda:
         out = _require_xformers().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
