@@ -9,9 +9,10 @@ Naming scheme: an FAE is three separately trained modules, registered as
 (families: fae_dinov2_g (paper), fae_dinov2_b, fae_dinov2_s and fae_tiny (the offline
 demo and the tests, 8x8 tokens)); ``fae_parts(family)`` gives the three names. Generators are ``sit_*``
 and ``lightningdit_*`` (``_dh``: with RAE's wide DDT head), discriminators ``patchgan*``,
-REPA projectors ``repa_projector*`` (built with ``width=`` and ``target_dim=``). Each entry
+REPA projectors ``repa_projector*`` (built with ``width=`` and ``target_dim=``). Text-to-image
+generators are ``mmdit_*`` (``_cross``: the cross-attention layout). Each entry
 also has a ``kind`` for ``list_models(kind)``: fae_encoder, feature_decoder,
-pixel_decoder, sit, discriminator, projector.
+pixel_decoder, sit, discriminator, projector, text_generator.
 
 Parameter counts of the paper configs (``count_parameters``, App. D targets):
 fae_dinov2_g.encoder 37,868,608 (38.17M, -0.79%), .feature_decoder 170,428,416
@@ -42,6 +43,7 @@ PixelDecoder = "fae_pipe.models.pixel_decoder:PixelDecoder"
 SiT = "fae_pipe.models.sit:SiT"
 PatchDiscriminator = "fae_pipe.models.discriminator:PatchDiscriminator"
 RepaProjector = "fae_pipe.models.repa:RepaProjector"
+MMDiT = "fae_pipe.models.mmdit:MMDiT"
 
 
 class ModelSpec(NamedTuple):
@@ -58,7 +60,7 @@ class ModelSpec(NamedTuple):
         return getattr(importlib.import_module(module), attr)
 
 
-KINDS = ("fae_encoder", "feature_decoder", "pixel_decoder", "sit", "discriminator", "projector")
+KINDS = ("fae_encoder", "feature_decoder", "pixel_decoder", "sit", "discriminator", "projector", "text_generator")
 FAE_PARTS = ("encoder", "feature_decoder", "pixel_decoder")
 REGISTRY: dict[str, ModelSpec] = {}
 
@@ -116,6 +118,16 @@ register("lightningdit_xl", SiT, "sit", width=1152, depth=28, heads=16, **_SIT_D
 register("lightningdit_xl_dh", SiT, "sit", width=1152, depth=28, heads=16, **_SIT_DATA, **_LIGHTNING, **_DDT_HEAD)
 register("lightningdit_tiny", SiT, "sit", **_SIT_TINY, **_LIGHTNING)
 register("lightningdit_tiny_dh", SiT, "sit", **_SIT_TINY, **_LIGHTNING, head_width=256, head_depth=2, head_heads=4)
+
+# Text-to-image generators (MMDiT, text_dim / pooled_dim come from the text store). mmdit_600m
+# is the paper's ~600M size (SD3's depth-16 shape: width 64 x depth, 16 heads): 599,560,224
+# parameters on 16x16x32 latents with 2048-wide (Flan-T5-XL) text tokens; _cross: 378,171,424.
+_MMDIT_DATA = dict(input_size=16, patch_size=1, in_channels=32, text_dim=2048, mlp_ratio=4.0)
+register("mmdit_600m", MMDiT, "text_generator", width=1024, depth=16, heads=16, **_MMDIT_DATA)
+register("mmdit_600m_cross", MMDiT, "text_generator", width=1024, depth=16, heads=16, layout="cross", **_MMDIT_DATA)
+_MMDIT_TINY = dict(input_size=8, patch_size=2, in_channels=8, text_dim=64, width=128, depth=4, heads=4, mlp_ratio=4.0)
+register("mmdit_tiny", MMDiT, "text_generator", **_MMDIT_TINY)
+register("mmdit_tiny_cross", MMDiT, "text_generator", layout="cross", **_MMDIT_TINY)
 
 # REPA projector (width and target_dim come from the generator and the cached encoder).
 register("repa_projector", RepaProjector, "projector", hidden=2048)
