@@ -92,17 +92,13 @@ class FeatureExtractTask:
                     pending[nxt] = pool.submit(self._load, nxt)
                 yield i, result
 
-    def compute(self, shard_index, start, stop, progress=None):
-        import torch
-
+    def decoded_batches(self, start: int, stop: int, valid: np.ndarray, failures: list, progress=None):
+        """Yield ``(rows, inputs)`` per batch of ``batch_size`` samples cut from ``start``: the shard-relative
+        rows that decoded and their preprocessed inputs (``_load``). An unreadable image clears its ``valid``
+        flag and is appended to ``failures`` (or is a UserError with ``on_error=fail``); ``progress(n)``
+        is called once the consumer has had the batch. Shared by every task that starts from images."""
         from fae_pipe.data.transforms import ImageDecodeError
 
-        enc, n, v = self.encoder, stop - start, len(self.views)
-        tokens = int(enc.grid[0]) * int(enc.grid[1])
-        feats = np.zeros((n, v, tokens, enc.dim), np.float16)
-        cls = np.zeros((n, v, enc.dim), np.float16)
-        valid = np.ones(n, bool)
-        failures = []
         stream = self._prefetched(range(start, stop))
         for b0 in range(start, stop, self.batch_size):
             rows, inputs = [], []
@@ -118,13 +114,25 @@ class FeatureExtractTask:
                 else:
                     rows.append(i - start)
                     inputs.append(item)
+            yield rows, inputs
+            if progress is not None:
+                progress(min(stop, b0 + self.batch_size) - b0)
+
+    def compute(self, shard_index, start, stop, progress=None):
+        import torch
+
+        enc, n, v = self.encoder, stop - start, len(self.views)
+        tokens = int(enc.grid[0]) * int(enc.grid[1])
+        feats = np.zeros((n, v, tokens, enc.dim), np.float16)
+        cls = np.zeros((n, v, enc.dim), np.float16)
+        valid = np.ones(n, bool)
+        failures = []
+        for rows, inputs in self.decoded_batches(start, stop, valid, failures, progress):
             if inputs:
                 with torch.inference_mode():
                     patch, cls_tok = enc.encode(torch.cat(inputs))
                 feats[rows] = patch.float().cpu().numpy().reshape(len(rows), v, tokens, enc.dim).astype(np.float16)
                 cls[rows] = cls_tok.float().cpu().numpy().reshape(len(rows), v, enc.dim).astype(np.float16)
-            if progress is not None:
-                progress(min(stop, b0 + self.batch_size) - b0)
         arrays = {schema.FEATURES: feats, schema.CLS: cls, schema.VALID: valid,
                   schema.LABELS: self.index.labels[start:stop].copy(),
                   schema.SAMPLE_IDS: self.index.ids[start:stop].copy()}
