@@ -44,6 +44,9 @@ HUB_TAG = "lvd142m"
 PRECISIONS = ("fp32", "bf16")
 DINOV2_NAMES = tuple(f"vit_{size}_patch14{reg}_dinov2"
                      for size in ("small", "base", "large", "giant") for reg in ("", "_reg4"))
+# Random-weights-only variants for the scale rehearsal (``fae-pipe bench scale``): DINOv2-S's
+# token width (so fae_tiny reads its features) with one block, ~10x cheaper per image.
+REHEARSAL_NAMES = {"vit_small_patch14_dinov2_1block": ("vit_small_patch14_dinov2", {"depth": 1})}
 RANDOM_SEED = 0
 RANDOM_WARNING = ("encoder weights are RANDOM (image_encoder.weights=random): features are not DINOv2 features; "
                   "set image_encoder.weights to a local checkpoint")
@@ -83,11 +86,15 @@ def _create_model(name: str, weights: str, input_size: int) -> tuple[nn.Module, 
     """The timm model and its weights fingerprint for the ``weights`` setting."""
     import timm
 
+    if name in REHEARSAL_NAMES and weights != "random":
+        raise UserError(f"image_encoder.name = {name!r} exists for rehearsals only: it needs "
+                        f"image_encoder.weights=random (got {weights!r})")
     if weights == "random":
         log.warning(RANDOM_WARNING)
+        base, overrides = REHEARSAL_NAMES.get(name, (name, {}))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
-            model = timm.create_model(name, pretrained=False, img_size=input_size)
+            model = timm.create_model(base, pretrained=False, img_size=input_size, **overrides)
         with torch.no_grad():
             for pname, param in model.named_parameters():
                 if pname.endswith(".gamma"):
@@ -184,7 +191,7 @@ class FrozenDinoEncoder(nn.Module):
 
 def build_encoder(name: str, weights: str, input_size: int, device="auto", precision: str = "bf16") -> FrozenDinoEncoder:
     """Build the frozen encoder ``name`` at ``input_size`` px with ``weights`` ("hub", "random" or a file)."""
-    if name not in DINOV2_NAMES:
+    if name not in DINOV2_NAMES and name not in REHEARSAL_NAMES:
         raise UserError(f"image_encoder.name = {name!r} is invalid: expected one of {', '.join(DINOV2_NAMES)}")
     if input_size < PATCH or input_size % PATCH:
         raise UserError(f"image_encoder.input_size = {input_size} is invalid: expected a multiple of {PATCH}")
