@@ -73,8 +73,9 @@ COMMANDS: dict[str, Stage] = {
                        "Train the FAE encoder + feature decoder from the feature store alone.", (RESUME,)),
     "train-decoder": Stage("train_decoder", ["decoder", "fae", "data", "image_encoder", "paths", ATTENTION],
                            "Train the pixel decoder on cached features and the source pixels.", (RESUME,)),
-    "encode": Stage("encode", ["encode", "extract", "fae", "paths", ATTENTION],
-                    "Encode the feature store into the compact latent store.", (*shards("encode"), OVERWRITE)),
+    "encode": Stage("encode", ["encode", "vae", "extract", "fae", "data", "paths", ATTENTION],
+                    "Encode the feature store (FAE) or the images (encode.source=sdvae: a pretrained VAE) into "
+                    "the compact latent store.", (*shards("encode"), OVERWRITE)),
     "train-sit": Stage("train_sit", ["sit", "paths", ATTENTION],
                        "Train SiT on the cached latents only (Accelerate).", (RESUME,)),
     "sample": Stage("sample", ["sample", "sit", "fae", "paths", ATTENTION],

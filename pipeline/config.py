@@ -148,8 +148,21 @@ class Encode:
     scheduler: str = F("", "address of an existing dask scheduler")
     threads: int = F(0, "torch threads per worker; 0 = cores / workers", min=0)
     batch_size: int = F(256, "samples per FAE encoder forward", min=1)
-    store_std: bool = F(False, "also store posterior standard deviations")
+    store_std: bool = F(False, "also store posterior standard deviations (a VAE store always holds them)")
     device: str = F("auto", "auto (cuda when present), cpu, cuda or cuda:N")
+    source: str = F("fae", "what writes paths.latents: fae (the FAE encoder over paths.features) or sdvae (the "
+                    "`vae` section's AutoencoderKL straight from the images of paths.index)",
+                    choices=["fae", "sdvae"])
+
+
+@dataclass
+class Vae:
+    """The pretrained VAE of ``encode.source = sdvae`` (diffusers ``AutoencoderKL``, e.g. stabilityai/sd-vae-ft-ema)."""
+
+    weights: str = F("", "a local diffusers AutoencoderKL directory (config.json + weights, as save_pretrained "
+                     "writes it) or 'random' (the SD-VAE architecture, fixed seed: tests and demos only)")
+    precision: str = F("fp32", "VAE compute precision (encode and decode)", choices=["fp32", "bf16"])
+    batch_size: int = F(32, "images per VAE encoder forward (all their views in one)", min=1)
 
 
 @dataclass
@@ -168,6 +181,10 @@ class Sit:
                            "paths.features tokens of each batch's samples and views", min=0.0)
     repa_depth: int = F(0, "block whose output REPA aligns; 0 = the model's default (8 for depth 28)", min=0)
     repa_projector: str = F("repa_projector", "registry name of the REPA projector MLP")
+    posterior: str = F("mean", "latents served to the generator: mean (the stored posterior means) or sample (a "
+                       "fresh mean + std * noise per sample and epoch, REPA's way; needs stored stds: a VAE store or "
+                       "encode.store_std; the noise is a function of train.seed, epoch, sample id and view)",
+                       choices=["mean", "sample"])
     shift_mode: str = F("auto", "timestep shift form; auto = dim for features input (RAE's rule), scalar for "
                         "latents", choices=["auto", "none", "scalar", "dim"])
     shift: float = F(0.4, "scalar timestep shift (shift_mode=scalar)", min=0.0)
@@ -234,6 +251,7 @@ class Config:
     fae: Fae = field(default_factory=Fae)
     decoder: Decoder = field(default_factory=Decoder)
     encode: Encode = field(default_factory=Encode)
+    vae: Vae = field(default_factory=Vae)
     sit: Sit = field(default_factory=Sit)
     sample: Sample = field(default_factory=Sample)
     evaluate: Evaluate = field(default_factory=Evaluate)

@@ -62,6 +62,10 @@ def store_bytes(path) -> int:
 
 def run(cfg: Config, overwrite: bool = False) -> None:
     t0 = time.perf_counter()
+    if cfg.encode.source == schema.SOURCE_SDVAE:
+        from fae_pipe.stages.encode_vae import run as run_vae
+
+        return run_vae(cfg, overwrite, t0)
     fae_path = Path(cfg.paths.fae_run) / FAE_FILE
     if not fae_path.is_file():
         raise UserError(f"encode: {fae_path} not found; run `fae-pipe train-fae` first")
@@ -86,7 +90,7 @@ def run(cfg: Config, overwrite: bool = False) -> None:
     config_hash = store_hash(fae_fp)
     attrs = {k: source.attrs[k] for k in COPIED_ATTRS if k in source.attrs}
     attrs.update({schema.A_FAE_FINGERPRINT: fae_fp, schema.A_FAE_MODELS: payload["models"],
-                  schema.A_SOURCE_FEATURES: src,
+                  schema.A_SOURCE_FEATURES: src, schema.A_LATENT_SOURCE: {"kind": schema.SOURCE_FAE},
                   schema.A_LATENT_VALUES: "raw posterior means; standardise with channel_mean / channel_std"})
     channels = payload["latent_channels"]
     out = cfg.paths.latents
@@ -98,23 +102,41 @@ def run(cfg: Config, overwrite: bool = False) -> None:
     task = EncodeTask(str(fae_path.resolve()), fae_fp, src["path"], cfg.encode.batch_size, cfg.encode.device,
                       cfg.encode.store_std, attention=cfg.runtime.attention)
     with StoreLock(out):
-        group, resumed = open_or_create(out, config_hash, create, overwrite)
-        mark_incomplete(group)
-        result = run_shards(out, task, ShardPlan(n, shard_samples), config_hash, units=cfg.encode.shards,
-                            workers=cfg.encode.workers, scheduler=cfg.encode.scheduler, threads=cfg.encode.threads,
-                            desc="encode", stop_signals=cfg.runtime.stop_signals)
-        if not result.complete:
-            missing = sorted(set(range(result.shards_total)) - set(result.records))
-            raise UserError(f"encode: shards {missing} of {out} have no completion record; re-run `fae-pipe encode`")
-        stats = merge_moments([result.records[i]["extras"]["moments"] for i in sorted(result.records)], fae_fp)
-        finalize(group, list(source.attrs.get(schema.A_FAILURES, [])), stats.to_attrs())
-    lat_b, feat_b = store_bytes(out) / n, store_bytes(cfg.paths.features) / n
+        write_latent_store(cfg, config_hash, create, task, ShardPlan(n, shard_samples), fae_fp,
+                           list(source.attrs.get(schema.A_FAILURES, [])), overwrite, t0,
+                           ("feature", cfg.paths.features), f"{n} samples x {views} views", f"{channels} ch")
+
+
+def write_latent_store(cfg: Config, config_hash: str, create, task, plan: ShardPlan, fae_fp: str | None,
+                       failures: list[dict] | None, overwrite: bool, t0: float, compare: tuple[str, str] | None,
+                       what: str, shape: str) -> None:
+    """Open-or-create ``paths.latents``, run ``task`` over its shards, merge the exact statistics, finalise,
+    write ``<metrics>/encode.json`` and the one-line summary: the part every latent source shares.
+    Call with the store lock held. ``failures``: the store's failure list (None: the shards' own records);
+    ``compare``: (name, path) of the store whose bytes per sample the summary compares with."""
+    out = cfg.paths.latents
+    group, resumed = open_or_create(out, config_hash, create, overwrite)
+    mark_incomplete(group)
+    result = run_shards(out, task, plan, config_hash, units=cfg.encode.shards,
+                        workers=cfg.encode.workers, scheduler=cfg.encode.scheduler, threads=cfg.encode.threads,
+                        desc="encode", stop_signals=cfg.runtime.stop_signals)
+    if not result.complete:
+        missing = sorted(set(range(result.shards_total)) - set(result.records))
+        raise UserError(f"encode: shards {missing} of {out} have no completion record; re-run `fae-pipe encode`")
+    stats = merge_moments([result.records[i]["extras"]["moments"] for i in sorted(result.records)], fae_fp)
+    finalize(group, result.failures() if failures is None else failures, stats.to_attrs())
+    n = plan.num_samples
+    lat_b = store_bytes(out) / n
+    metrics = {"samples": int(n), "views": int(group[schema.LATENTS].shape[1]), "latent_bytes_per_sample": lat_b}
+    note = ""
+    if compare is not None:
+        other_b = store_bytes(compare[1]) / n
+        metrics.update({f"{compare[0]}_bytes_per_sample": other_b, "compression": other_b / lat_b})
+        note = f" vs {other_b / 1024:.1f} KiB {compare[0]}s ({other_b / lat_b:.0f}x)"
     wall = time.perf_counter() - t0
-    write_metrics(Path(cfg.paths.metrics) / "encode.json", {
-        "samples": int(n), "views": int(views), "latent_bytes_per_sample": lat_b, "feature_bytes_per_sample": feat_b,
-        "compression": feat_b / lat_b, "wall_seconds": wall, "shards_written": result.shards_written,
-        "shards_skipped": result.shards_skipped})
-    print(f"encode: {n} samples x {views} views -> {out} ({channels} ch, {'resumed, ' if resumed else ''}"
+    metrics.update({"wall_seconds": wall, "shards_written": result.shards_written,
+                    "shards_skipped": result.shards_skipped})
+    write_metrics(Path(cfg.paths.metrics) / "encode.json", metrics)
+    print(f"encode: {what} -> {out} ({shape}, {'resumed, ' if resumed else ''}"
           f"{result.shards_written} shards written, {result.shards_skipped} skipped), "
-          f"{lat_b / 1024:.1f} KiB/sample vs {feat_b / 1024:.1f} KiB features ({feat_b / lat_b:.0f}x), "
-          f"{wall:.1f} s; channel statistics in its attrs", file=sys.stderr)
+          f"{lat_b / 1024:.1f} KiB/sample{note}, {wall:.1f} s; channel statistics in its attrs", file=sys.stderr)

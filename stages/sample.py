@@ -113,8 +113,16 @@ def _write_outputs(out_dir: Path, images, labels, classes, names, s, gen, fae_pa
         "method": s.method, "steps": s.steps, "guidance": s.guidance, "seed": s.seed, "use_ema": s.use_ema,
         "batch_size": s.batch_size, "shift_factor": gen.shift, "world_size": world,
         "sit": str(sit_path), "sit_fingerprint": file_fingerprint(sit_path),
-        "fae_fingerprint": file_fingerprint(fae_path),
+        # what decoded the samples: the FAE export, or the VAE a VAE latent store records (no FAE read then)
+        "fae_fingerprint": None if _vae_decoded(gen) else file_fingerprint(fae_path),
+        "latent_source": gen.latent_source,
     }
+
+
+def _vae_decoded(gen) -> bool:
+    from fae_pipe.cache.schema import SOURCE_SDVAE
+
+    return (gen.latent_source or {}).get("kind") == SOURCE_SDVAE
 
 
 def _write_meta(path: Path, meta: dict) -> None:

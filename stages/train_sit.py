@@ -43,9 +43,12 @@ def generator_data(cfg, run):
     if s.input == "features":
         from fae_pipe.data.features import FeatureBatches
 
+        if s.posterior == "sample":
+            raise UserError("config error: sit.posterior = sample is invalid with sit.input = features: encoder "
+                            "features have no posterior; use sit.posterior=mean")
         return FeatureBatches(cfg.paths.features, *args, per_position=s.feature_norm == "position",
                               repa_features=repa)
-    return LatentBatches(cfg.paths.latents, *args, repa_features=repa)
+    return LatentBatches(cfg.paths.latents, *args, repa_features=repa, posterior_sample=s.posterior == "sample")
 
 
 def run(cfg, resume: str | None = None) -> dict:
@@ -71,6 +74,8 @@ def run(cfg, resume: str | None = None) -> dict:
     set_attention_backend(net, cfg.runtime.attention)
     models, identity = {"model": net}, {"model_name": s.model, "model_kwargs": kwargs, "input": s.input,
                                         "latent_stats": info.stats.to_dict()}
+    if s.posterior == "sample":  # only then, so checkpoints of runs on posterior means resume as before
+        identity["posterior"] = s.posterior
     if repa:
         depth = s.repa_depth or default_repa_depth(net.depth)
         if not 1 <= depth <= net.depth:
@@ -87,7 +92,8 @@ def run(cfg, resume: str | None = None) -> dict:
     if run.main:
         extra = f", REPA lambda {s.repa_weight} at block {depth}/{net.depth}" if repa else ""
         print(f"train-sit: {s.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params) on "
-              f"{c}x{h}x{w} {s.input} from {info.path} ({'in RAM' if data.loader.in_ram else 'streaming'}); "
+              f"{c}x{h}x{w} {s.input} from {info.path} ({'in RAM' if data.loader.in_ram else 'streaming'}"
+              f"{', a fresh posterior sample per epoch' if s.posterior == 'sample' else ''}); "
               f"time shift {shift_mode} (a = {shift:.3g}){extra}; world size {run.world}, global batch "
               f"{t.batch_size} = {run.world} x {t.grad_accum} x {run.micro_batch}; steps {run.start}->{t.steps}",
               flush=True)
@@ -141,6 +147,7 @@ def run(cfg, resume: str | None = None) -> dict:
         save_sit_export(path, model_name=s.model, model_kwargs=kwargs, state_dict=cpu_state(raw),
                         ema_state_dict=None if run.ema is None else cpu_state(run.ema.model),
                         latent_stats=info.stats.to_dict(), fae_fingerprint=info.fae_fingerprint,
+                        latent_source=info.source, posterior=s.posterior,
                         num_classes=info.num_classes, latent_shape=list(info.shape),
                         transport={"shift_mode": shift_mode, "shift_mode_config": s.shift_mode, "shift": s.shift,
                                    "shift_base_dim": s.shift_base_dim, "generator_input": s.input,

@@ -94,6 +94,16 @@ A_FAE_FINGERPRINT = "fae_fingerprint"  # sha256 of the FAE export that made the 
 A_FAE_MODELS = "fae_models"  # registry names of the FAE parts
 A_SOURCE_FEATURES = "source_features"  # {"path", "config_hash"} of the feature store encoded
 A_LATENT_VALUES = "latent_values"  # a note saying what the stored values are
+# what made the latents, hence what decodes them (``sample``, ``evaluate``, the quality curve):
+# {"kind": "fae"} or {"kind": "sdvae", "vae": {name, weights, weights_fingerprint, random_weights,
+# config, scaling_factor, downsample, precision, input_range}} (``fae_pipe.models.vae.Vae.record``)
+A_LATENT_SOURCE = "latent_source"
+SOURCE_FAE = "fae"
+SOURCE_SDVAE = "sdvae"
+LATENT_SOURCES = (SOURCE_FAE, SOURCE_SDVAE)
+# VAE stores: the pixels the VAE saw (the ADM crop itself, no resize) and their range
+VAE_RESIZE_POLICY = "none"
+VAE_INPUT_RANGE = [-1.0, 1.0]
 
 # Values of the ``crop`` / ``resize`` attrs of feature stores. They name the one pixel
 # chain of ``fae_pipe.data.transforms``: ADM centre crop (BOX halving, then BICUBIC to
@@ -245,6 +255,19 @@ def open_feature_store(path, mode: str = "r", key: str = "paths.features") -> za
     if group.attrs.get(A_COMPLETE) is not True:
         raise UserError(f"feature store {path} is incomplete: finish it with `fae-pipe extract` first")
     return group
+
+
+def latent_source(attrs, where) -> dict | None:
+    """A latent store's ``latent_source`` record; a store written before the attr existed and
+    carrying an FAE fingerprint is the FAE's; None for a store that records neither (a foreign store).
+    An unknown kind is a one-line error: nothing downstream may guess a decoder."""
+    record = attrs.get(A_LATENT_SOURCE)
+    if record is None:
+        return {"kind": SOURCE_FAE} if attrs.get(A_FAE_FINGERPRINT) is not None else None
+    if not isinstance(record, dict) or record.get("kind") not in LATENT_SOURCES:
+        raise UserError(f"{where}: attrs '{A_LATENT_SOURCE}' is {record!r}; expected a record whose kind is one "
+                        f"of {', '.join(LATENT_SOURCES)} (re-run `fae-pipe encode`)")
+    return dict(record)
 
 
 def sample_array_names(group: zarr.Group) -> list[str]:

@@ -44,6 +44,7 @@ class StoreInfo:
     num_classes: int
     stats: LatentStats
     kind: str = schema.KIND_LATENTS  # schema.KIND_LATENTS or schema.KIND_FEATURES
+    source: dict | None = None  # a latent store's latent_source record (schema.latent_source): what decodes it
 
     @property
     def fae_fingerprint(self) -> str | None:
@@ -76,9 +77,11 @@ class GeneratorBatches:
     array: str  # the store array a batch is made of
 
     def __init__(self, info: StoreInfo, valid: np.ndarray | None, batch_size: int, seed: int, rank: int,
-                 world_size: int, memory_budget_bytes: int, shuffle_buffer: int, repa_features=None):
+                 world_size: int, memory_budget_bytes: int, shuffle_buffer: int, repa_features=None,
+                 extra_arrays: tuple[str, ...] = ()):
         self.info = info
-        self.loader = ShardedLoader(info.path, [self.array], batch_size, seed, rank=rank, world_size=world_size,
+        self.loader = ShardedLoader(info.path, [self.array, *extra_arrays], batch_size, seed, rank=rank,
+                                    world_size=world_size,
                                     memory_budget_bytes=memory_budget_bytes, shuffle_buffer=shuffle_buffer,
                                     sample_mask=valid)
         labels = self.loader.labels if valid is None else self.loader.labels[valid]
@@ -97,20 +100,21 @@ class GeneratorBatches:
         return stored
 
     def _convert(self, device: torch.device):
-        """stored rows -> (x, y) on ``device``: float16 moved as stored (half the bytes), normalised there."""
+        """stored rows (and their epoch) -> (x, y) on ``device``: float16 moved as stored (half the bytes),
+        normalised there."""
         normalize = self.info.stats.normalizer(self.info.shape, device)
         grid, array = self.grid, self.array
         if device.type == "cpu":  # no .to() per call: two calls that do nothing still cost ~1 us
-            return lambda b: (normalize(grid(torch.from_numpy(b[array]))), torch.from_numpy(b[schema.LABELS]))
-        return lambda b: (normalize(grid(torch.from_numpy(b[array]).to(device, non_blocking=True))),
-                          torch.from_numpy(b[schema.LABELS]).to(device, non_blocking=True))
+            return lambda b, epoch: (normalize(grid(torch.from_numpy(b[array]))), torch.from_numpy(b[schema.LABELS]))
+        return lambda b, epoch: (normalize(grid(torch.from_numpy(b[array]).to(device, non_blocking=True))),
+                                 torch.from_numpy(b[schema.LABELS]).to(device, non_blocking=True))
 
     def _spans(self, step: int, device, repa: bool):
         """(epoch, batch tensors...) per batch, converted ``group`` batches at a time (one addcmul)."""
         device = torch.device(device)
         convert, size = self._convert(device), self.loader.batch_size
         for epoch, span in self.loader.batches_from(step, self.group):
-            parts = convert(span)
+            parts = convert(span, epoch)
             if repa:
                 targets = torch.from_numpy(self.repa.read(span[ROWS], span[VIEWS])).to(device, non_blocking=True)
                 parts = (*parts, targets.float())

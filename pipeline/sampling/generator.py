@@ -12,7 +12,10 @@ so a retrained FAE can never silently decode an old SiT's latents.
 Path of one batch: noise (t = 1) -> sampler (``fae_pipe.transport.sample``, shift
 from the SiT export, guidance schedule from the config) -> normalised latents ->
 ``z * std + mean`` with the export's statistics -> feature decoder -> pixel decoder
--> [0, 1] -> uint8 (N, H, W, 3).
+-> [0, 1] -> uint8 (N, H, W, 3). A SiT trained on a VAE latent store (its export's
+``latent_source`` says so, copied from the store) decodes through that VAE instead
+(``fae_pipe.models.vae.VaeLatentDecoder``, rebuilt from the record and fingerprint-checked);
+the FAE files are then not read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 from fae_pipe.artifacts import export_fingerprints, file_fingerprint
+from fae_pipe.cache.schema import SOURCE_SDVAE
 from fae_pipe.cache.latent_stats import LatentStats
 from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import DECODER_FILE, FAE_FILE, FeatureAutoencoder, FeaturePixelDecoder
@@ -63,8 +67,9 @@ class ImageGenerator:
     """
 
     def __init__(self, sit, fae: FeatureAutoencoder, latent_shape, num_classes: int, shift: float, null_class: int,
-                 device):
+                 device, latent_source: dict | None = None):
         self.sit, self.fae, self.device = sit, fae, torch.device(device)
+        self.latent_source = latent_source  # the export's record of what made the latents (None: not recorded)
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.num_classes, self.shift, self.null_class = int(num_classes), float(shift), int(null_class)
 
@@ -79,26 +84,34 @@ class ImageGenerator:
         export = load_sit_export(sit_path)
         transport = export.get("transport") or {}
         raw_features = transport.get("generator_input") == "features"  # RAE: no FAE between SiT and pixels
-        if not raw_features:
+        latent_source = export.get("latent_source")
+        vae_latents = (latent_source or {}).get("kind") == SOURCE_SDVAE  # decoded by the VAE that wrote them
+        if not raw_features and not vae_latents:
             check_fae_match(export, sit_path, fae_path)
         if use_ema and export.get("ema_state_dict") is None:
             print(f"sample: note: {sit_path} has no EMA weights (sit.train.ema_decay = 0); using the raw weights",
                   file=sys.stderr)
         stats = LatentStats.from_dict(export.get("latent_stats"), str(sit_path))
-        if raw_features:
+        shape = tuple(int(v) for v in export["latent_shape"])
+        if vae_latents:
+            from fae_pipe.models.vae import VaeLatentDecoder
+
+            fae = VaeLatentDecoder.from_source(latent_source, stats, shape[1:], device, str(sit_path))
+            source = latent_source["vae"]["weights"]
+        elif raw_features:
             fae = FeaturePixelDecoder.load(decoder_path, stats, device, attention)
             source = decoder_path
         else:
             fae = FeatureAutoencoder.load(fae_path, decoder_path, stats=stats, device=device, attention=attention)
             source = fae_path
-        shape = tuple(int(v) for v in export["latent_shape"])
         if (fae.latent_channels, *fae.grid) != shape:
             raise UserError(f"{sit_path} makes {shape[0]}x{shape[1]}x{shape[2]} outputs but {source} decodes "
                             f"{fae.latent_channels}x{fae.grid[0]}x{fae.grid[1]}: use the decoders the SiT was "
                             "trained for")
         sit = set_attention_backend(build_sit_from_export(export, use_ema=use_ema).to(device), attention)
         num_classes = int(export["num_classes"])
-        return cls(sit, fae, shape, num_classes, float(transport.get("shift_factor", 1.0)), int(transport.get("null_class", num_classes)), device)
+        return cls(sit, fae, shape, num_classes, float(transport.get("shift_factor", 1.0)), int(transport.get("null_class", num_classes)), device,
+                   latent_source)
 
     def latents(self, labels, noise: torch.Tensor, method: str = "euler", steps: int = 250, guidance=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:

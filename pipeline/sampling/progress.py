@@ -30,7 +30,8 @@ from fae_pipe.transport import as_schedule, sample
 
 def pixel_decoder_for(cfg, info, device):
     """Normalised generator outputs -> uint8 images: FAE latents through the FAE export the latents were
-    encoded with and the pixel decoder; raw features (RAE) through the pixel decoder alone."""
+    encoded with and the pixel decoder; raw features (RAE) through the pixel decoder alone; VAE latents
+    through the VAE the store records (``info.source``)."""
     from fae_pipe.artifacts import export_fingerprints
     from fae_pipe.cache import schema
     from fae_pipe.errors import UserError
@@ -40,6 +41,10 @@ def pixel_decoder_for(cfg, info, device):
     _, fae_path, decoder_path = default_paths(cfg.paths)
     if info.kind == schema.KIND_FEATURES:
         decoder = FeaturePixelDecoder.load(decoder_path, info.stats, device, cfg.runtime.attention)
+    elif (info.source or {}).get("kind") == schema.SOURCE_SDVAE:
+        from fae_pipe.models.vae import VaeLatentDecoder
+
+        decoder = VaeLatentDecoder.from_source(info.source, info.stats, info.shape[1:], device, info.path)
     else:
         if info.fae_fingerprint is not None and info.fae_fingerprint not in export_fingerprints(fae_path):
             raise UserError(f"{info.path} was encoded by another FAE than {fae_path}: the quality curve would "
