@@ -62,12 +62,21 @@ class Data:
 
 @dataclass
 class ImageEncoder:
-    name: str = F("vit_giant_patch14_dinov2", "timm DINOv2 model name")
+    name: str = F("vit_giant_patch14_dinov2", "timm ViT name, optionally <name>.<pretrained tag>: DINOv2 "
+                  "(vit_*_patch14[_reg4]_dinov2), DINOv3 (vit_*_patch16_dinov3), SigLIP/SigLIP2 "
+                  "(vit_*_patch16_siglip_*[.v2_webli]) or any timm ViT with mean/std (docs/encoders.md)")
     weights: str = F("hub", "'hub' (timm pretrained), 'random' (explicit, for tests/demo) or a local file")
-    input_size: int = F(224, "encoder input side in pixels (multiple of 14)", min=14)
+    input_size: int = F(224, "encoder input side in pixels (multiple of the patch: 224 at patch 14 and 256 at "
+                        "patch 16 give 16x16 tokens)", min=14)
     precision: str = F("bf16", "encoder compute precision", choices=["fp32", "bf16"])
     batch_size: int = F(256, "images per encoder forward", min=1)
     device: str = F("auto", "auto (cuda when present), cpu, cuda or cuda:N")
+    layer: int = F(0, "features of: 0 = the last block through the final norm; k = block k's output", min=0)
+    layer_norm: bool = F(True, "an intermediate layer goes through the final norm (DINOv2's get_intermediate_layers)")
+    model_args: list = F([], "timm create_model overrides as key=value items (e.g. [embed_dim=384, depth=2]): a "
+                         "modified architecture of the same family; recorded in the store")
+    mean: list = F([], "RGB normalisation mean; [] = the family's own (required for a timm ViT outside the families)")
+    std: list = F([], "RGB normalisation std; [] = the family's own")
 
 
 @dataclass
@@ -232,6 +241,11 @@ class Evaluate:
     max_reference: int = F(50_000, "reference images/features used at most", min=2)
     batch_size: int = F(64, "images per forward", min=1)
     recon_images: int = F(256, "held-out images for the FAE reconstruction metrics", min=2)
+    reference_encoder: ImageEncoder = field(
+        default_factory=lambda: ImageEncoder(name="", batch_size=64),
+        metadata={"help": "the DINOv2 behind FD-DINOv2 when the feature store's encoder is not DINOv2 (e.g. "
+                          "SigLIP2): its reference features are computed from the reference images; name '' = "
+                          "the store's own encoder, which must then be a DINOv2 at layer 0"})
 
 
 @dataclass
@@ -475,10 +489,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
+def _check_patch_multiple(key: str, enc: ImageEncoder) -> None:
+    """input_size a multiple of the patch timm spells in the name (``_patch14``), checked before any model is
+    built; names without it are checked when built (``fae_pipe.encoders``, the owner of every encoder fact)."""
+    import re
+
+    found = re.search(r"_patch(\d+)", enc.name)
+    if found and enc.input_size % int(found.group(1)):
+        p = int(found.group(1))
+        raise UserError(f"config error: {key}.input_size = {enc.input_size} is invalid: expected a multiple of {p}, "
+                        f"the patch of {enc.name} ({16 * p} gives a 16x16 token grid)")
+
+
 def _check_cross_field(cfg: Config) -> None:
     """Constraints between keys, reported like single-key errors."""
-    if cfg.image_encoder.input_size % 14:
-        raise UserError(f"config error: image_encoder.input_size = {cfg.image_encoder.input_size} is invalid: expected a multiple of 14")
+    for key in ("image_encoder", "evaluate.reference_encoder"):
+        _check_patch_multiple(key, get_key(cfg, key))
     if not cfg.data.views:
         raise UserError("config error: data.views = [] is invalid: expected at least one of orig, flip")
     if len(set(cfg.data.views)) != len(cfg.data.views):

@@ -44,7 +44,7 @@ def _naive(enc, index, n: int, cfg: Config, out_dir: Path) -> float:
     """Images/s of a per-image loop writing one float32 .npy per image."""
     import torch
 
-    from fae_pipe.data.transforms import ImageDecodeError, encoder_input, load_pixels
+    from fae_pipe.data.transforms import ImageDecodeError, load_pixels
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -54,23 +54,22 @@ def _naive(enc, index, n: int, cfg: Config, out_dir: Path) -> float:
                 pixels = load_pixels(index.abspath(i), cfg.data.image_size, cfg.data.views)
             except ImageDecodeError:
                 continue
-            patch, _ = enc.encode(encoder_input(pixels, cfg.image_encoder.input_size))
+            patch, _ = enc.encode(enc.preprocess(pixels))
             np.save(out_dir / f"{i:07d}.npy", patch.numpy().astype(np.float32))
     return n / (time.perf_counter() - t0)
 
 
 def run(cfg: Config) -> None:
     from fae_pipe.data.index import read_index
-    from fae_pipe.data.transforms import ImageDecodeError, encoder_input, load_pixels
+    from fae_pipe.data.transforms import ImageDecodeError, load_pixels
+    from fae_pipe.encoders.registry import encoder_spec
     from fae_pipe.stages.extract import extract_features
     from fae_pipe.tasks.features import build_encoder_from
 
     index = read_index(cfg.paths.index)
     n = min(MAX_IMAGES, len(index))
     threads = set_torch_threads(cfg.extract.threads, cfg.extract.workers)
-    spec = {"name": cfg.image_encoder.name, "weights": cfg.image_encoder.weights, "input_size": cfg.image_encoder.input_size,
-            "device": cfg.image_encoder.device, "precision": cfg.image_encoder.precision}
-    enc = build_encoder_from(spec)
+    enc = build_encoder_from(encoder_spec(cfg.image_encoder))
     views = len(cfg.data.views)
     print(f"bench extract: first {n} of {len(index)} index images (capped at {MAX_IMAGES}), {cfg.image_encoder.name} "
           f"{cfg.image_encoder.precision} at {cfg.image_encoder.input_size} px on {enc.device}, {views} view(s) per image, "
@@ -79,8 +78,7 @@ def run(cfg: Config) -> None:
     inputs = []
     for i in range(n):
         try:
-            inputs.append(encoder_input(load_pixels(index.abspath(i), cfg.data.image_size, cfg.data.views),
-                                        cfg.image_encoder.input_size))
+            inputs.append(enc.preprocess(load_pixels(index.abspath(i), cfg.data.image_size, cfg.data.views)))
         except ImageDecodeError:
             continue
     bare = _bare_forward(enc, inputs, cfg.image_encoder.batch_size)

@@ -23,7 +23,8 @@ import torch
 
 from fae_pipe.cache import schema
 from fae_pipe.data.sharded import ShardedLoader
-from fae_pipe.encoders.dinov2 import PATCH, build_encoder
+from fae_pipe.encoders.registry import encoder_spec, patch_size
+from fae_pipe.encoders.timm_vit import build_from_spec
 from fae_pipe.errors import UserError
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.models.registry import create_model, fae_parts, model_kwargs
@@ -102,14 +103,14 @@ class Ctx:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.names = fae_parts(cfg.fae.model)
         enc = model_kwargs(self.names["encoder"])
-        self.dim, self.c, self.h = enc["in_dim"], enc["latent_channels"], cfg.image_encoder.input_size // PATCH
+        self.dim, self.c, self.h = enc["in_dim"], enc["latent_channels"], cfg.image_encoder.input_size // patch_size(cfg.image_encoder.name, cfg.image_encoder.model_args)
         self.grid, self.tokens, self._encoder = (self.h, self.h), self.h * self.h, None
         self.classes = cfg.data.demo_classes if cfg.data.demo else 1000
 
     def encoder(self):
         e = self.cfg.image_encoder
         if self._encoder is None:  # random weights, whatever image_encoder.weights says
-            self._encoder = build_encoder(e.name, "random", e.input_size, self.device, e.precision)
+            self._encoder = build_from_spec({**encoder_spec(e), "weights": "random"}, self.device)
         return self._encoder
 
     def autocast(self, precision: str, key: str):

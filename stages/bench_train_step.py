@@ -58,8 +58,9 @@ from fae_pipe.cache import schema
 from fae_pipe.cache.synthetic import write_random_feature_store, write_random_latent_store
 from fae_pipe.data.index import read_index
 from fae_pipe.data.latents import LatentBatches
-from fae_pipe.data.transforms import encoder_input, load_pixels
-from fae_pipe.encoders.dinov2 import PATCH, build_encoder
+from fae_pipe.data.transforms import load_pixels
+from fae_pipe.encoders.registry import encoder_spec, patch_size
+from fae_pipe.encoders.timm_vit import build_from_spec
 from fae_pipe.errors import UserError
 from fae_pipe.models.registry import create_model, fae_parts, model_kwargs
 from fae_pipe.models.repa import align_targets, default_repa_depth, repa_loss
@@ -149,7 +150,7 @@ class OnlinePath:
         names = data.loader.group.attrs.get(schema.A_VIEWS) or list(cfg.data.views)
         self.view_names = [names[i] for i in range(data.info.views)]
         e = cfg.image_encoder
-        self.encoder = build_encoder(e.name, e.weights, e.input_size, device=device, precision=e.precision)
+        self.encoder = build_from_spec(encoder_spec(e), device)
         self.fae = create_model(fae_parts(cfg.fae.model)["encoder"]).to(device).eval().requires_grad_(False)
         self.stats = data.info.stats
         self.pool = ThreadPoolExecutor(max(1, cfg.data.decode_workers))
@@ -161,7 +162,7 @@ class OnlinePath:
         return np.concatenate(list(self.pool.map(lambda j: load_pixels(j[0], size, views=j[1]), jobs)))
 
     def tokens(self, pixels):
-        return self.encoder.encode(encoder_input(pixels, self.encoder.input_size))[0]  # no_grad inside
+        return self.encoder.encode(self.encoder.preprocess(pixels))[0]  # no_grad inside
 
     @torch.no_grad()
     def latents(self, tokens):
@@ -195,7 +196,7 @@ def run(cfg, synthetic: int | None = None) -> dict:
     if synthetic < 1:
         raise UserError(f"--synthetic {synthetic} is invalid: expected a number of samples >= 1")
     index = read_index(cfg.paths.index)
-    n, views, g = min(synthetic, len(index.labels)), list(cfg.data.views), cfg.image_encoder.input_size // PATCH
+    n, views, g = min(synthetic, len(index.labels)), list(cfg.data.views), cfg.image_encoder.input_size // patch_size(cfg.image_encoder.name, cfg.image_encoder.model_args)
     enc, x = model_kwargs(fae_parts(cfg.fae.model)["encoder"]), cfg.extract
     meta = {"labels": index.labels, "num_classes": index.num_classes, "attrs": {schema.A_VIEWS: views}}
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
@@ -280,7 +281,7 @@ def _run(cfg, latents, features) -> dict:
 
     rows, views = rows_of(0)
     px = online.pixels(rows, views)
-    x_in = encoder_input(px, online.encoder.input_size)
+    x_in = online.encoder.preprocess(px)
     tok = online.tokens(px)
     x, y = online.latents(tok), torch.from_numpy(loader.labels[rows]).to(device)
     flops = {"encoder": count_flops(lambda: online.encoder.encode(x_in)),

@@ -2,10 +2,14 @@
 
 Generation (``<samples>/samples.npz`` against the real data):
 
-- FD-DINOv2: Frechet distance of DINOv2 cls tokens, generated images vs the feature
-  store's cached cls tokens of up to ``evaluate.max_reference`` real images (valid
-  rows, the reference view "orig"). The encoder is rebuilt from the config and must
-  be the one the store was made with (name, input size, precision, weights fingerprint).
+- FD-DINOv2: Frechet distance of DINOv2 cls tokens, generated images vs up to
+  ``evaluate.max_reference`` real images (valid rows, the reference view "orig"): the
+  feature store's cached cls tokens when its encoder is DINOv2, else
+  ``evaluate.reference_encoder`` (a DINOv2) run over those reference images. The
+  store's encoder is rebuilt from the config and must be the one the store was made
+  with (name, input size, precision, layer, model_args, weights fingerprint, mean/std).
+- fd_encoder: the same distance in the store's own encoder space (its pooled vectors:
+  cls token, or SigLIP's attention-pool head), equal to FD-DINOv2 for a DINOv2 store.
 - precision / recall / density / coverage: k-NN manifolds (``evaluate.knn_k``) in the
   same cls space, real side capped at the number of generated images (equal sizes,
   as the metric's authors recommend).
@@ -15,7 +19,8 @@ Generation (``<samples>/samples.npz`` against the real data):
 
 Reconstruction (held-out images through the FAE): feature store tokens -> FAE
 encoder (posterior mean) -> feature decoder -> pixel decoder, against the images'
-own pixels: rFD-DINOv2 (vs the stored cls tokens of the same images), PSNR, LPIPS
+own pixels: rFD-DINOv2 (vs the DINOv2 cls tokens of the same images), rfd_encoder
+(vs their stored pooled vectors), PSNR, LPIPS
 (VGG, only when torchvision's VGG-16 file is in the torch hub cache), rFID with
 Inception weights. Metric maths lives in ``fae_pipe.metrics``.
 """
@@ -72,8 +77,8 @@ def inception_generation(model, images, index, sample_ids, image_size, view, ev,
             "inception_score": score, "inception_score_std": spread, "is_status": "ok"}
 
 
-def reconstruction(cfg: Config, group, encoder, view: tuple[int, str], inception, device) -> dict:
-    """rFD-DINOv2, PSNR, LPIPS (and rFID) of held-out images rebuilt through the FAE."""
+def reconstruction(cfg: Config, group, scorer: GenerationScorer, view: tuple[int, str], inception, device) -> dict:
+    """rFD-DINOv2, rFD in the store's encoder space, PSNR, LPIPS (and rFID) of held-out images rebuilt through the FAE."""
     from fae_pipe.data.index import read_index
     from fae_pipe.fae.autoencoder import FeatureAutoencoder
     from fae_pipe.metrics.image import build_lpips, lpips_distance, psnr
@@ -98,8 +103,11 @@ def reconstruction(cfg: Config, group, encoder, view: tuple[int, str], inception
     if recon.shape != target.shape:
         raise UserError(f"the pixel decoder makes {recon.shape[1]} px images but {paths.features} holds "
                         f"{size} px crops: train the decoder at data.image_size = {size}")
-    out = {"num_images": int(len(rows)), "psnr": _finite(psnr(recon, target)),
-           "rfd_dinov2": fd(encoder_cls(encoder, recon, ev.batch_size), read_view(group, schema.CLS, rows, view[0]))}
+    stored = read_view(group, schema.CLS, rows, view[0])
+    own = fd(encoder_cls(scorer.encoder, recon, ev.batch_size), stored)
+    dino = fd(encoder_cls(scorer.dinov2, recon, ev.batch_size), encoder_cls(scorer.dinov2, target, ev.batch_size)) \
+        if scorer.separate else own
+    out = {"num_images": int(len(rows)), "psnr": _finite(psnr(recon, target)), "rfd_dinov2": dino, "rfd_encoder": own}
     try:
         model = build_lpips("vgg", device)
         nchw = [torch.from_numpy(a).permute(0, 3, 1, 2) for a in (recon, target)]
@@ -132,6 +140,8 @@ def run(cfg: Config) -> dict:
     result.update(scorer.score(scorer.features(images)))
     result["encoder"] = {"name": rec["name"], "weights": rec["weights"], "input_size": rec["input_size"],
                          "random_weights": bool(rec.get("random_weights"))}
+    result["fd_dinov2_reference"] = scorer.dinov2_source
+    result["reference_random_weights"] = bool(scorer.dinov2.random_weights)
     inception, status = load_inception(ev, device)
     if inception is None:
         result.update(fid=None, fid_status=status, inception_score=None, inception_score_std=None, is_status=status)
@@ -141,7 +151,7 @@ def run(cfg: Config) -> dict:
         ids = schema.read_array(group, schema.SAMPLE_IDS, ref_rows)
         result.update(inception_generation(inception, images, read_index(paths.index), ids, size, view[1], ev,
                                            cfg.data.decode_workers))
-    result["reconstruction"] = reconstruction(cfg, group, scorer.encoder, view, inception, device)
+    result["reconstruction"] = reconstruction(cfg, group, scorer, view, inception, device)
     meta = _read_samples_json(Path(paths.samples))
     result["warnings"] = _warnings(result, meta, Path(paths.fae_run) / FAE_FILE)
     result["samples"] = _samples_meta(meta)
@@ -173,7 +183,7 @@ def _short(e: Exception) -> str:
 
 def _warnings(result: dict, meta: dict | None, fae_path: Path) -> list[str]:
     notes = []
-    if result["encoder"]["random_weights"]:
+    if result["encoder"]["random_weights"] or result.get("reference_random_weights"):
         notes.append("encoder weights are RANDOM: FD-DINOv2, precision/recall and rFD are not DINOv2 numbers")
     if meta and fae_path.is_file():
         from fae_pipe.artifacts import export_fingerprints

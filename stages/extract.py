@@ -1,4 +1,4 @@
-"""``fae-pipe extract``: frozen DINOv2 patch (+cls) tokens of every index sample into features.zarr.
+"""``fae-pipe extract``: frozen image-encoder patch (+pooled) tokens of every index sample into features.zarr.
 
 The store layout is ``fae_pipe.cache.schema``; lock, resume, work units and dask come
 from ``fae_pipe.cache.shards``; the shard task (decode, encoder, float16 tokens) is
@@ -21,24 +21,22 @@ from fae_pipe.cache.feature_stats import channel_stats_from_records
 from fae_pipe.cache.shards import ShardPlan, run_shards
 from fae_pipe.cache.store_writer import finalize, mark_incomplete, open_or_create
 from fae_pipe.config import Config
+from fae_pipe.encoders.registry import encoder_spec
 from fae_pipe.errors import UserError
 from fae_pipe.tasks.features import FeatureExtractTask, build_encoder_from
 
 
 def store_attrs(cfg: Config, enc, index, n: int) -> dict:
-    """Group attrs saying how the features were made (see docs/cache.md)."""
-    from fae_pipe.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
+    """Group attrs saying how the features were made (see docs/cache.md and docs/encoders.md)."""
+    e = cfg.image_encoder
     return {
         schema.A_ENCODER: {
-            "name": cfg.image_encoder.name, "weights": cfg.image_encoder.weights,
-            "weights_fingerprint": enc.weights_fingerprint, "random_weights": bool(enc.random_weights),
-            "input_size": cfg.image_encoder.input_size, "precision": cfg.image_encoder.precision,
-            "num_prefix_tokens": int(enc.num_prefix_tokens), "batch_size": cfg.image_encoder.batch_size,
+            "name": e.name, "weights": e.weights, "input_size": e.input_size, "precision": e.precision,
+            "batch_size": e.batch_size, **enc.record(),
         },
         schema.A_IMAGE_SIZE: cfg.data.image_size, schema.A_CROP: schema.CROP_POLICY,
         schema.A_RESIZE: schema.RESIZE_POLICY,
-        schema.A_NORMALIZATION: {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        schema.A_NORMALIZATION: {"mean": list(enc.mean), "std": list(enc.std)},
         schema.A_VIEWS: list(cfg.data.views), schema.A_NUM_CLASSES: index.num_classes,
         schema.A_CLASSES: list(index.classes), schema.A_DATASET_FINGERPRINT: index.fingerprint,
         schema.A_INDEX_PATH: cfg.paths.index, schema.A_NUM_SAMPLES: n,
@@ -66,8 +64,7 @@ def _extract_locked(cfg: Config, store_path: str, overwrite: bool, limit: int | 
 
     index = read_index(cfg.paths.index)
     n = len(index) if limit is None else min(limit, len(index))
-    spec = {"name": cfg.image_encoder.name, "weights": cfg.image_encoder.weights, "input_size": cfg.image_encoder.input_size,
-            "device": cfg.image_encoder.device, "precision": cfg.image_encoder.precision}
+    spec = encoder_spec(cfg.image_encoder)
     enc = build_encoder_from(spec)
     if enc.random_weights:
         print(f"WARNING: encoder {cfg.image_encoder.name} has RANDOM weights (image_encoder.weights={cfg.image_encoder.weights!r}): "

@@ -230,7 +230,7 @@ def test_closure_follows_lazy_and_string_imports():
     assert sample["fae_pipe.cache.schema"] == "fae_pipe.stages.sample"  # imported inside class_names()
     assert sit["fae_pipe.models.sit"] == "fae_pipe.models.registry"  # "fae_pipe.models.sit:SiT" builder
     assert "fae_pipe" in sit and "fae_pipe.stages" in sit
-    assert sit["fae_pipe.encoders.dinov2"] == "fae_pipe.sampling.reference"  # lazy: the quality curve's scorer
+    assert sit["fae_pipe.encoders.timm_vit"] == "fae_pipe.sampling.reference"  # lazy: the quality curve's scorer
     assert "fae_pipe.encoders" not in closure("fae_pipe.stages.train_fae")  # no over-inclusion
     assert ("latents", None) in path_uses("fae_pipe.stages.sample")
     assert ("fae_run", "fae.safetensors") in path_uses("fae_pipe.stages.encode")  # Path(..) / FAE_FILE

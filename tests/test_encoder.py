@@ -1,4 +1,4 @@
-"""Frozen DINOv2 wrapper on tiny inputs: token split, weight sources, fingerprints, precision, FLOPs."""
+"""Frozen timm ViT wrapper (DINOv2 here; the other families: test_encoder_families.py) on tiny inputs: token split, weight sources, fingerprints, precision, FLOPs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from fae_pipe.data.transforms import encoder_input
-from fae_pipe.encoders.dinov2 import DINOV2_NAMES, RANDOM_WARNING, _hub_cached_file, build_encoder
+from fae_pipe.encoders.timm_vit import RANDOM_WARNING, _hub_cached_file, build_encoder
 from fae_pipe.errors import UserError
 
 NAME = "vit_small_patch14_dinov2"
@@ -61,7 +61,7 @@ def test_reg4_drops_five_prefix_tokens(x):
 
 
 def test_random_is_reproducible_warns_and_bf16_is_close(enc, x, caplog):
-    with caplog.at_level(logging.WARNING, logger="fae_pipe.encoders.dinov2"):
+    with caplog.at_level(logging.WARNING, logger="fae_pipe.encoders.timm_vit"):
         bf16 = build_encoder(NAME, "random", 28, device="cpu", precision="bf16")
     assert RANDOM_WARNING in caplog.text
     same = all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), bf16.state_dict().values()))
@@ -93,9 +93,9 @@ def test_local_checkpoint_gives_the_same_features(enc, x, tmp_path):
 
 
 def test_bad_settings_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="vit_giant_patch14_reg4_dinov2") as err:
+    with pytest.raises(UserError, match="not a timm model") as err:
         build_encoder("vit_huge_patch14_dinov2", "random", 28)
-    assert all(n in str(err.value) for n in DINOV2_NAMES)
+    assert all(f in str(err.value) for f in ("dinov2", "dinov2_reg", "dinov3", "siglip2", "vit_*_patch16_dinov3"))
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(UserError, match=str(missing)):
         build_encoder(NAME, str(missing), 28)
@@ -127,3 +127,20 @@ def test_flops_estimate_matches_counted_matmuls_plus_attention(enc):
     measured = counter.get_total_flops()
     assert measured > 0
     assert abs(enc.flops_per_image() - (measured + attention)) / (measured + attention) < 0.05
+
+
+def test_default_dinov2_path_is_unchanged_by_the_encoder_registry():
+    """The demo's DINOv2-S random at 112 px: weights and encoder input pinned to their values before the
+    registry (commit 81915a5), so the features a demo store holds are bit-identical (same weights, same
+    input, same forward_features; measured identical in fp32 and bf16 at the change)."""
+    enc = build_encoder(NAME, "random", 112, device="cpu", precision="fp32")
+    h = hashlib.sha256()
+    for k, v in enc.model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.contiguous().numpy().tobytes())
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    x = enc.preprocess(pixels)
+    assert h.hexdigest()[:16] == "84950412781d76f0"
+    assert hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16] == "5d4bdc1872fce324"
+    assert torch.equal(x, encoder_input(pixels, 112))
+    assert (enc.family, enc.pooled, enc.mean) == ("dinov2", "cls", (0.485, 0.456, 0.406))

@@ -159,11 +159,12 @@ def load_pixels(path, image_size: int, views=VIEWS) -> np.ndarray:
     return np.stack([apply_view(crop, v) for v in views])
 
 
-def encoder_input(pixels, input_size: int):
+def encoder_input(pixels, input_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Encoder inputs for uint8 pixels (N, H, W, 3): float32 tensor (N, 3, input_size, input_size).
 
     Each image is resized with Pillow BICUBIC (skipped when already ``input_size``),
-    scaled to [0, 1] and normalised with the ImageNet mean/std DINOv2 was trained with.
+    scaled to [0, 1] and normalised with ``mean``/``std``: the ImageNet ones DINOv2 was
+    trained with by default; each encoder passes its family's (``FrozenEncoder.preprocess``).
     """
     import torch
 
@@ -178,6 +179,6 @@ def encoder_input(pixels, input_size: int):
             for im in arr
         ])
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std).contiguous()

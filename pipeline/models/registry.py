@@ -6,8 +6,11 @@ down exactly once, here.
 
 Naming scheme: an FAE is three separately trained modules, registered as
 ``<family>.encoder``, ``<family>.feature_decoder`` and ``<family>.pixel_decoder``
-(families: fae_dinov2_g (paper), fae_dinov2_b, fae_dinov2_s and fae_tiny (the offline
-demo and the tests, 8x8 tokens)); ``fae_parts(family)`` gives the three names. Generators are ``sit_*``
+(families: fae_dinov2_g (paper), fae_dinov2_b, fae_dinov2_s, fae_siglip2_so400m (1152),
+fae_dinov3_l (1024) and fae_tiny (the offline demo and the tests, 8x8 tokens of width 384));
+``fae_parts(family)`` gives the three names. A family's ``in_dim`` is its encoder's token
+width: the FAE encoder reads it, the feature decoder rebuilds it (``out_dim = in_dim``), and
+train-fae / train-decoder refuse a store of another width with the family to pick. Generators are ``sit_*``
 and ``lightningdit_*`` (``_dh``: with RAE's wide DDT head), discriminators ``patchgan*``,
 REPA projectors ``repa_projector*`` (built with ``width=`` and ``target_dim=``). Text-to-image
 generators are ``mmdit_*`` (``_cross``: the cross-attention layout). Each entry
@@ -95,6 +98,13 @@ _register_fae("fae_dinov2_b", 768, 32, 12, 256,
               fd=dict(width=768, depth=6, heads=12, mlp_ratio=4.0, learned_pos_grid=16), pd=_VIT_L_PIXEL)
 _register_fae("fae_dinov2_s", 384, 32, 6, 256,
               fd=dict(width=384, depth=6, heads=6, mlp_ratio=4.0, learned_pos_grid=16), pd=_VIT_L_PIXEL)
+# The same recipe for the other encoder families (docs/encoders.md), each at its token width on the 16x16 grid
+# of 256 px (patch 16): SigLIP2-So400m/16 (1152; heads of 64 like the DINOv2 families) and DINOv3-L/16 (1024).
+# 768-wide encoders (SigLIP2-B/16, DINOv3-B/16) use fae_dinov2_b, 384-wide ones fae_dinov2_s: same shapes.
+_register_fae("fae_siglip2_so400m", 1152, 32, 18, 256,
+              fd=dict(width=1152, depth=6, heads=18, mlp_ratio=4.0, learned_pos_grid=16), pd=_VIT_L_PIXEL)
+_register_fae("fae_dinov3_l", 1024, 32, 16, 256,
+              fd=dict(width=1024, depth=6, heads=16, mlp_ratio=4.0, learned_pos_grid=16), pd=_VIT_L_PIXEL)
 # The offline demo and the tests: DINOv2-S at 112 px -> 8x8x384 tokens -> 8x8x8 latent -> 64 px images.
 _register_fae("fae_tiny", 384, 8, 4, 32,
               fd=dict(width=128, depth=2, heads=4, mlp_ratio=4.0),

@@ -96,7 +96,7 @@ class QualityProbe:
                        guidance=self.guidance, null_class=self.null_class, generator=gen)
             feats.append(self.scorer.features(self.decode(x)))
         model.train(was_training)
-        mine = np.concatenate(feats) if feats else np.zeros((0, self.scorer.reference.shape[1]), np.float32)
+        mine = np.concatenate(feats) if feats else np.zeros((0, self.scorer.width), np.float32)
         ordered = self._all(mine)
         out = self.scorer.score(ordered)
         out.update(eval_samples=int(len(ordered)), eval_seconds=round(time.perf_counter() - t0, 3))

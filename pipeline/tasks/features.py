@@ -23,10 +23,10 @@ from fae_pipe.errors import UserError
 
 
 def build_encoder_from(spec: dict):
-    """Build the frozen encoder of ``spec`` (random weights are seeded by the encoder module)."""
-    from fae_pipe.encoders.dinov2 import build_encoder
+    """Build the frozen encoder of ``spec`` (``encoders.timm_vit.encoder_spec``; random weights are seeded there)."""
+    from fae_pipe.encoders.timm_vit import build_from_spec
 
-    return build_encoder(spec["name"], spec["weights"], spec["input_size"], spec["device"], spec["precision"])
+    return build_from_spec(spec)
 
 
 class FeatureExtractTask:
@@ -63,13 +63,13 @@ class FeatureExtractTask:
 
     def _load(self, i: int):
         """Decode + crop + views + encoder preprocessing of sample ``i`` (runs in a thread)."""
-        from fae_pipe.data.transforms import ImageDecodeError, encoder_input, load_pixels
+        from fae_pipe.data.transforms import ImageDecodeError, load_pixels
 
         try:
             pixels = load_pixels(self.index.abspath(i), self.image_size, self.views)
         except ImageDecodeError as e:
             return e
-        return encoder_input(pixels, self.spec["input_size"])
+        return self.encoder.preprocess(pixels)
 
     def _prefetched(self, indices: range):
         """Yield ``(i, tensor or ImageDecodeError)`` in order, decoding up to two batches ahead."""

@@ -1,0 +1,179 @@
+"""Every encoder family on tiny timm models of its architecture (``model_args``): a checkpoint the test
+writes loads and gives the in-memory model's features, the prefix tokens are dropped (a 16x16 grid at
+224 px for patch 14, 256 px for patch 16), the pooled vector is the family's, the layer option, and the
+store attrs of an extract name the encoder, layer, preprocessing and weights fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+from safetensors.torch import save_file
+
+from fae_pipe.config import load_config
+from fae_pipe.encoders.registry import FAMILIES, parse_model_args, resolve
+from fae_pipe.encoders.timm_vit import build_encoder
+from fae_pipe.errors import UserError
+
+TINY_ARGS = ["embed_dim=32", "depth=2", "num_heads=2"]
+# (family, timm name, prefix tokens, pooled)
+CASES = [
+    ("dinov2", "vit_small_patch14_dinov2", 1, "cls"),
+    ("dinov2_reg", "vit_small_patch14_reg4_dinov2", 5, "cls"),
+    ("dinov3", "vit_small_patch16_dinov3", 5, "cls"),
+    ("siglip2", "vit_so400m_patch16_siglip_256.v2_webli", 0, "attention_pool"),
+]
+
+
+def _perturbed_checkpoint(enc, path):
+    """Write the encoder's weights + a seeded perturbation as a timm-format safetensors file; return the model."""
+    import copy
+
+    reference = copy.deepcopy(enc.model)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    return reference
+
+
+@pytest.mark.parametrize("family, name, prefix, pooled", CASES, ids=[c[0] for c in CASES])
+def test_family_checkpoint_grid_and_pooling(family, name, prefix, pooled, tmp_path):
+    fam = resolve(name).family
+    assert fam.family == family and fam.prefix_tokens == prefix and fam.pooled == pooled
+    size = fam.grid_input_size
+    assert size == {14: 224, 16: 256}[fam.patch]
+    enc = build_encoder(name, "random", size, device="cpu", precision="fp32", model_args=TINY_ARGS)
+    assert (enc.family, enc.grid, enc.dim, enc.num_prefix_tokens, enc.pooled) == (family, (16, 16), 32, prefix, pooled)
+    path = tmp_path / f"{family}.safetensors"
+    reference = _perturbed_checkpoint(enc, path)
+    loaded = build_encoder(name, str(path), size, device="cpu", precision="fp32", model_args=TINY_ARGS)
+    assert loaded.weights_fingerprint == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    patch, vec = loaded.encode(x)
+    with torch.no_grad():
+        tokens = reference.forward_features(x)
+        want_vec = reference.forward_head(tokens, pre_logits=True) if pooled == "attention_pool" else tokens[:, 0]
+    assert tokens.shape[1] == prefix + 256 and patch.shape == (2, 256, 32)
+    assert (patch - tokens[:, prefix:]).abs().max() <= 1e-5 and (vec - want_vec).abs().max() <= 1e-5
+    assert not torch.allclose(patch, enc.encode(x)[0], atol=1e-3)  # the file's weights, not the random ones
+
+
+def test_normalisation_matches_timm_pretrained_configs():
+    for fam in FAMILIES:
+        arch = next(n for n in timm.list_models(fam.patterns[0]))
+        cfg = timm.models.get_pretrained_cfg(f"{arch}.{fam.hub_tag}" if f"{arch}.{fam.hub_tag}" in
+                                             timm.list_pretrained(arch + "*") else arch)
+        assert (tuple(cfg.mean), tuple(cfg.std)) == (fam.mean, fam.std), fam.family
+
+
+def test_preprocessing_uses_the_family_normalisation():
+    sig = build_encoder("vit_base_patch16_siglip_256", "random", 32, device="cpu", precision="fp32",
+                        model_args=TINY_ARGS)
+    assert sig.family == "siglip" and (sig.mean, sig.std) == ((0.5,) * 3, (0.5,) * 3)
+    px = np.full((1, 32, 32, 3), 255, np.uint8)
+    assert torch.allclose(sig.preprocess(px), torch.ones(1, 3, 32, 32))  # (1 - 0.5) / 0.5
+
+
+def test_intermediate_layer_and_its_norm():
+    args = dict(device="cpu", precision="fp32", model_args=TINY_ARGS)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for name in ("vit_small_patch16_dinov3", "vit_base_patch16_siglip_256"):
+        last = build_encoder(name, "random", 32, **args)
+        as_block = build_encoder(name, "random", 32, layer=2, **args)
+        first = build_encoder(name, "random", 32, layer=1, **args)
+        raw = build_encoder(name, "random", 32, layer=1, layer_norm=False, **args)
+        p_last, _ = last.encode(x)
+        p2, v2 = as_block.encode(x)
+        assert torch.allclose(p2, p_last, atol=1e-5)  # block depth through the final norm = forward_features
+        p1, v1 = first.encode(x)
+        assert not torch.allclose(p1, p_last, atol=1e-3)
+        assert torch.allclose(first.model.norm(raw.encode(x)[0]), p1, atol=1e-5)
+        # intermediate pooling: the cls token where there is one, else the token mean (never the last-layer head)
+        assert first.pooled == ("cls" if last.num_prefix_tokens else "token_mean")
+        if first.pooled == "token_mean":
+            assert torch.allclose(v1, p1.mean(dim=1), atol=1e-6)
+
+
+def test_bad_encoder_settings_are_one_line_errors():
+    args = dict(device="cpu", precision="fp32", model_args=TINY_ARGS)
+    with pytest.raises(UserError, match="image_encoder.layer = 3"):
+        build_encoder("vit_small_patch16_dinov3", "random", 32, layer=3, **args)
+    with pytest.raises(UserError, match="layer_norm = false"):
+        build_encoder("vit_small_patch16_dinov3", "random", 32, layer_norm=False, **args)
+    with pytest.raises(UserError, match="multiple of 16 .256 gives a 16x16"):
+        build_encoder("vit_small_patch16_dinov3", "random", 200, **args)
+    with pytest.raises(UserError, match="declare its preprocessing"):
+        build_encoder("vit_tiny_patch16_224", "random", 32, **args)
+    generic = build_encoder("vit_tiny_patch16_224", "random", 32, mean=[0.1, 0.2, 0.3], std=[1, 1, 1], **args)
+    assert (generic.family, generic.pooled, generic.num_prefix_tokens) == ("timm_vit", "cls", 1)
+    with pytest.raises(UserError, match="key=value"):
+        parse_model_args(["depth"])
+    with pytest.raises(UserError, match="builds patch 8"):
+        build_encoder("vit_small_patch16_dinov3", "random", 32, model_args=TINY_ARGS + ["patch_size=8"],
+                      device="cpu")
+
+
+@pytest.fixture(scope="module")
+def siglip_store(tmp_path_factory):
+    """A 6-image SigLIP2-architecture store (tiny, random, layer 1) made by the real extract; (cfg, group)."""
+    from fae_pipe.stages import prepare
+    from fae_pipe.stages.extract import extract_features
+
+    root = tmp_path_factory.mktemp("siglip")
+    cfg = load_config(None, {
+        "paths.index": str(root / "index.json"), "paths.features": str(root / "features.zarr"),
+        "data.root": str(root / "demo"), "data.demo": True, "data.demo_classes": 2, "data.demo_per_class": 3,
+        "data.demo_size": 32, "data.image_size": 32, "data.decode_workers": 0,
+        "image_encoder.name": "vit_so400m_patch16_siglip_256.v2_webli", "image_encoder.weights": "random",
+        "image_encoder.input_size": 32, "image_encoder.precision": "fp32", "image_encoder.device": "cpu",
+        "image_encoder.model_args": TINY_ARGS, "image_encoder.layer": 1, "image_encoder.batch_size": 4,
+        "extract.shards": 1, "extract.shard_samples": 8, "extract.chunk_samples": 2})
+    prepare.run(cfg)
+    extract_features(cfg, cfg.paths.features)
+    return cfg, zarr.open_group(cfg.paths.features, mode="r")
+
+
+def test_store_attrs_name_encoder_layer_preprocessing_and_fingerprint(siglip_store):
+    cfg, group = siglip_store
+    rec, attrs = group.attrs["encoder"], dict(group.attrs)
+    assert rec["name"] == "vit_so400m_patch16_siglip_256.v2_webli" and rec["family"] == "siglip2"
+    assert (rec["timm_model"], rec["pretrained_tag"]) == ("vit_so400m_patch16_siglip_256", "v2_webli")
+    assert (rec["layer"], rec["layer_norm"], rec["pooled"], rec["num_prefix_tokens"]) == (1, True, "token_mean", 0)
+    assert rec["weights_fingerprint"] == "random" and rec["random_weights"] is True
+    assert rec["model_args"] == {"embed_dim": 32, "depth": 2, "num_heads": 2}
+    assert rec["preprocessing"] == {"resize": "bicubic", "input_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert attrs["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3} and list(attrs["grid"]) == [2, 2]
+    assert group["features"].shape == (6, 2, 4, 32) and group["cls"].shape == (6, 2, 32)
+
+
+def test_fd_dinov2_of_a_siglip_store_comes_from_the_reference_encoder(siglip_store):
+    """The real reference images scored against themselves: FD ~ 0 in both spaces, DINOv2 columns first."""
+    import copy
+
+    from fae_pipe.config import set_key
+    from fae_pipe.data.index import read_index
+    from fae_pipe.sampling.reference import GenerationScorer, encoder_cls, load_reference_pixels
+
+    cfg, group = siglip_store
+    with pytest.raises(UserError, match="not DINOv2 cls tokens: set evaluate.reference_encoder"):
+        GenerationScorer(cfg, group, cfg.paths.features, torch.device("cpu"))
+    cfg = copy.deepcopy(cfg)
+    for key, value in {"name": "vit_small_patch14_dinov2", "weights": "random", "input_size": 28,
+                       "precision": "fp32", "device": "cpu", "model_args": TINY_ARGS}.items():
+        set_key(cfg, f"evaluate.reference_encoder.{key}", value)
+    scorer = GenerationScorer(cfg, group, cfg.paths.features, torch.device("cpu"))
+    assert scorer.separate and scorer.width == 64 and "vit_small_patch14_dinov2" in scorer.dinov2_source
+    ids = np.asarray(group["sample_ids"][:])[scorer.ref_rows]
+    pixels = load_reference_pixels(read_index(cfg.paths.index), ids, 32, "orig", workers=0)
+    assert np.allclose(scorer.reference_dinov2, encoder_cls(scorer.dinov2, pixels, 4))
+    feats = scorer.features(pixels)
+    assert np.allclose(feats[:, :32], scorer.reference_dinov2)
+    assert np.allclose(feats[:, 32:], scorer.reference, atol=2e-3)  # the store holds float16
+    out = scorer.score(feats)
+    assert abs(out["fd_dinov2"]) < 1e-3 and abs(out["fd_encoder"]) < 1e-2
