@@ -55,7 +55,7 @@ def check_attention_backend(backend: str, key: str = "runtime.attention") -> str
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Softmax attention over (B, H, N, Dh) tensors, returning (B, H, N, Dh).
 
     ``backend`` is chosen explicitly, never by what happens to be installed:
@@ -68,14 +68,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
     ``mask`` (boolean, broadcastable to (B, H, N, M), True = attend) restricts the keys,
     e.g. the padding of variable-length text tokens in joint attention; masked calls
-    always take SDPA.
+    always take SDPA. ``causal`` (N == M): query i attends to keys 0..i only (the
+    autoregressive flow's training pass).
     """
     if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     if check_attention_backend(backend) == "xformers" and q.is_cuda:
-        out = _require_xformers().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        xops = _require_xformers()
+        bias = xops.LowerTriangularMask() if causal else None
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
         return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def set_attention_backend(module, backend: str):
@@ -281,14 +284,25 @@ class SelfAttention(nn.Module):
         if self.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                causal: bool = False, cache: dict | None = None) -> torch.Tensor:
+        """``causal``: token i sees tokens <= i only. ``cache`` (a dict, filled in place) is
+        autoregressive decoding's KV cache: the keys and values of every token fed so far are
+        kept, and the new token(s) attend to them and, causally, to each other."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, self.backend)
+        if cache is not None and "k" in cache:
+            if n > 1:
+                raise ValueError("SelfAttention cache: feed one token per call once the cache holds tokens")
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            causal = False  # one new query: every cached key is in its past
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        out = attention(q, k, v, self.backend, causal=causal)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
 
@@ -306,8 +320,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = make_norm(norm, dim)
         self.mlp = make_mlp(mlp, dim, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                causal: bool = False, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, causal=causal, cache=cache)
         return x + self.mlp(self.norm2(x))
 
 

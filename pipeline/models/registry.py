@@ -47,6 +47,7 @@ SiT = "fae_pipe.models.sit:SiT"
 PatchDiscriminator = "fae_pipe.models.discriminator:PatchDiscriminator"
 RepaProjector = "fae_pipe.models.repa:RepaProjector"
 MMDiT = "fae_pipe.models.mmdit:MMDiT"
+TARFlow = "fae_pipe.models.tarflow:TARFlow"
 
 
 class ModelSpec(NamedTuple):
@@ -63,7 +64,8 @@ class ModelSpec(NamedTuple):
         return getattr(importlib.import_module(module), attr)
 
 
-KINDS = ("fae_encoder", "feature_decoder", "pixel_decoder", "sit", "discriminator", "projector", "text_generator")
+KINDS = ("fae_encoder", "feature_decoder", "pixel_decoder", "sit", "discriminator", "projector", "text_generator",
+         "flow")
 FAE_PARTS = ("encoder", "feature_decoder", "pixel_decoder")
 REGISTRY: dict[str, ModelSpec] = {}
 
@@ -138,6 +140,18 @@ register("mmdit_600m_cross", MMDiT, "text_generator", width=1024, depth=16, head
 _MMDIT_TINY = dict(input_size=8, patch_size=2, in_channels=8, text_dim=64, width=128, depth=4, heads=4, mlp_ratio=4.0)
 register("mmdit_tiny", MMDiT, "text_generator", **_MMDIT_TINY)
 register("mmdit_tiny_cross", MMDiT, "text_generator", layout="cross", **_MMDIT_TINY)
+
+# Normalizing flows (fae_pipe.models.tarflow): TARFlow's uniform stacks (ImageNet-64 shapes: 8 blocks x 8
+# layers at width 768 / 1024) and STARFlow's deep-shallow layout (blocks of 2 2 2 2 2 24 layers, data ->
+# noise order) at SiT-XL's width, all on 16x16x32 latents at patch 1. Parameter counts (tests/test_flow.py):
+# tarflow_b 461,955,584, tarflow_l 817,267,200, starflow_xl 551,340,672; tarflow_tiny 1,638,464 (8x8x8).
+_FLOW_DATA = dict(input_size=16, patch_size=1, in_channels=32, num_classes=1000, mlp_ratio=4.0)
+register("tarflow_b", TARFlow, "flow", width=768, heads=12, block_depths=[8] * 8, **_FLOW_DATA)
+register("tarflow_l", TARFlow, "flow", width=1024, heads=16, block_depths=[8] * 8, **_FLOW_DATA)
+register("starflow_xl", TARFlow, "flow", width=1152, heads=16, block_depths=[2, 2, 2, 2, 2, 24], **_FLOW_DATA)
+_FLOW_TINY = dict(input_size=8, patch_size=1, in_channels=8, num_classes=10, mlp_ratio=4.0, width=128, heads=4)
+register("tarflow_tiny", TARFlow, "flow", block_depths=[2, 2, 2, 2], **_FLOW_TINY)
+register("starflow_tiny", TARFlow, "flow", block_depths=[1, 1, 1, 4], **_FLOW_TINY)
 
 # REPA projector (width and target_dim come from the generator and the cached encoder).
 register("repa_projector", RepaProjector, "projector", hidden=2048)
