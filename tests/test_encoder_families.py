@@ -78,6 +78,12 @@ def test_preprocessing_uses_the_family_normalisation():
     assert sig.family == "siglip" and (sig.mean, sig.std) == ((0.5,) * 3, (0.5,) * 3)
     px = np.full((1, 32, 32, 3), 255, np.uint8)
     assert torch.allclose(sig.preprocess(px), torch.ones(1, 3, 32, 32))  # (1 - 0.5) / 0.5
+    assert sig.pooled == "attention_pool"
+    gap = build_encoder("vit_base_patch16_siglip_gap_256", "random", 32, device="cpu", precision="fp32",
+                        model_args=TINY_ARGS)
+    x = gap.preprocess(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    patch, vec = gap.encode(x)
+    assert gap.pooled == "token_mean" and torch.allclose(vec, patch.mean(dim=1), atol=1e-6)  # no head to pool with
 
 
 def test_intermediate_layer_and_its_norm():

@@ -136,13 +136,14 @@ def _create_model(choice: EncoderChoice, weights: str, input_size: int, kwargs: 
 def _pooling(model: nn.Module, choice: EncoderChoice, layer: int) -> str:
     """How the pooled vector is made: the family's rule, or read from a generic model (see the registry)."""
     has_cls = bool(getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None))
+    has_head = getattr(model, "attn_pool", None) is not None
     if layer:
         return "cls" if has_cls else "token_mean"
-    if choice.family is not None:
+    if choice.family is not None and (choice.family.pooled != "attention_pool" or has_head):
         return choice.family.pooled
     if has_cls:
         return "cls"
-    return "attention_pool" if getattr(model, "attn_pool", None) is not None else "token_mean"
+    return "attention_pool" if has_head else "token_mean"  # e.g. the *_siglip_gap_* variants: no head
 
 
 class FrozenEncoder(nn.Module):
