@@ -17,9 +17,12 @@ Generation (``<samples>/samples.npz`` against the real data):
   (``evaluate.inception_weights``); otherwise ``null`` with a ``*_status`` saying why.
   FID's real statistics come from the same reference images, decoded from the index.
 
-Reconstruction (held-out images through the FAE): feature store tokens -> FAE
-encoder (posterior mean) -> feature decoder -> pixel decoder, against the images'
-own pixels: rFD-DINOv2 (vs the DINOv2 cls tokens of the same images), rfd_encoder
+Reconstruction (held-out images through the latent source the samples were decoded with,
+``latent_source`` in ``samples.json``, copied from the latent store through the SiT export):
+FAE: feature store tokens -> FAE encoder (posterior mean) -> feature decoder -> pixel
+decoder; SD-VAE: the images' pixels -> VAE posterior mean -> VAE decoder (the VAE the
+record names, fingerprint-checked); against the images' own pixels: rFD-DINOv2 (vs the
+DINOv2 cls tokens of the same images), rfd_encoder
 (vs their stored pooled vectors), PSNR, LPIPS
 (VGG, only when torchvision's VGG-16 file is in the torch hub cache), rFID with
 Inception weights. Metric maths lives in ``fae_pipe.metrics``.
@@ -77,29 +80,48 @@ def inception_generation(model, images, index, sample_ids, image_size, view, ev,
             "inception_score": score, "inception_score_std": spread, "is_status": "ok"}
 
 
-def reconstruction(cfg: Config, group, scorer: GenerationScorer, view: tuple[int, str], inception, device) -> dict:
-    """rFD-DINOv2, rFD in the store's encoder space, PSNR, LPIPS (and rFID) of held-out images rebuilt through the FAE."""
-    from fae_pipe.data.index import read_index
-    from fae_pipe.fae.autoencoder import FeatureAutoencoder
-    from fae_pipe.metrics.image import build_lpips, lpips_distance, psnr
+def rebuild(cfg: Config, group, rows, target: np.ndarray, view: tuple[int, str], device,
+            latent_source: dict | None) -> np.ndarray:
+    """uint8 reconstructions of the held-out ``rows`` through the latent source's own round trip:
+    the VAE's (``target`` pixels -> posterior mean -> decoder) or the FAE's (stored features ->
+    posterior mean -> feature decoder -> pixel decoder). A record without a kind is the FAE's."""
     from fae_pipe.sampling.generator import default_paths, to_uint8
+
+    bs, out = cfg.evaluate.batch_size, []
+    if (latent_source or {}).get("kind") == schema.SOURCE_SDVAE:
+        from fae_pipe.models.vae import Vae, vae_input
+
+        vae = Vae.from_record(latent_source.get("vae"), device, f"{cfg.paths.samples}/samples.json")
+        for lo in range(0, len(target), bs):
+            out.append(to_uint8(vae.decode(vae.posterior(vae_input(target[lo:lo + bs]))[0])))
+        return np.concatenate(out)
+    from fae_pipe.fae.autoencoder import FeatureAutoencoder
+
+    _, fae_path, decoder_path = default_paths(cfg.paths)
+    fae = FeatureAutoencoder.load(fae_path, decoder_path, device=device, attention=cfg.runtime.attention)
+    for lo in range(0, len(rows), bs):
+        feats = torch.from_numpy(read_view(group, schema.FEATURES, rows[lo:lo + bs], view[0]))
+        out.append(to_uint8(fae.reconstruct(feats, "pixels")))
+    return np.concatenate(out)
+
+
+def reconstruction(cfg: Config, group, scorer: GenerationScorer, view: tuple[int, str], inception, device,
+                   latent_source: dict | None = None) -> dict:
+    """rFD-DINOv2, rFD in the store's encoder space, PSNR, LPIPS (and rFID) of held-out images rebuilt through
+    the latent source (``rebuild``)."""
+    from fae_pipe.data.index import read_index
+    from fae_pipe.metrics.image import build_lpips, lpips_distance, psnr
 
     ev, paths = cfg.evaluate, cfg.paths
     rows = feature_split(group, paths.index, paths.features).holdout_rows(ev.recon_images)
     if len(rows) < 2:
         return {"status": f"unavailable: {len(rows)} held-out image(s) in {paths.features}; need 2 "
                           "(raise data.holdout_fraction and re-run prepare + extract)"}
-    _, fae_path, decoder_path = default_paths(paths)
-    fae = FeatureAutoencoder.load(fae_path, decoder_path, device=device, attention=cfg.runtime.attention)
     index = read_index(paths.index)
     ids = schema.read_array(group, schema.SAMPLE_IDS, rows)
-    recon = []
-    for lo in range(0, len(rows), ev.batch_size):
-        feats = torch.from_numpy(read_view(group, schema.FEATURES, rows[lo:lo + ev.batch_size], view[0]))
-        recon.append(to_uint8(fae.reconstruct(feats, "pixels")))
-    recon = np.concatenate(recon)
     size = int(group.attrs[schema.A_IMAGE_SIZE])
     target = load_reference_pixels(index, ids, size, view[1], cfg.data.decode_workers)
+    recon = rebuild(cfg, group, rows, target, view, device, latent_source)
     if recon.shape != target.shape:
         raise UserError(f"the pixel decoder makes {recon.shape[1]} px images but {paths.features} holds "
                         f"{size} px crops: train the decoder at data.image_size = {size}")
@@ -151,8 +173,10 @@ def run(cfg: Config) -> dict:
         ids = schema.read_array(group, schema.SAMPLE_IDS, ref_rows)
         result.update(inception_generation(inception, images, read_index(paths.index), ids, size, view[1], ev,
                                            cfg.data.decode_workers))
-    result["reconstruction"] = reconstruction(cfg, group, scorer, view, inception, device)
     meta = _read_samples_json(Path(paths.samples))
+    source = (meta or {}).get("latent_source")
+    result["latent_source"] = (source or {}).get("kind", schema.SOURCE_FAE)
+    result["reconstruction"] = reconstruction(cfg, group, scorer, view, inception, device, source)
     result["warnings"] = _warnings(result, meta, Path(paths.fae_run) / FAE_FILE)
     result["samples"] = _samples_meta(meta)
     result["wall_seconds"] = round(time.perf_counter() - t0, 3)
@@ -185,7 +209,7 @@ def _warnings(result: dict, meta: dict | None, fae_path: Path) -> list[str]:
     notes = []
     if result["encoder"]["random_weights"] or result.get("reference_random_weights"):
         notes.append("encoder weights are RANDOM: FD-DINOv2, precision/recall and rFD are not DINOv2 numbers")
-    if meta and fae_path.is_file():
+    if meta and fae_path.is_file() and result.get("latent_source") != schema.SOURCE_SDVAE:
         from fae_pipe.artifacts import export_fingerprints
 
         if meta.get("fae_fingerprint") not in export_fingerprints(fae_path):
