@@ -117,6 +117,23 @@ BENCHES: dict[str, Stage] = {
                      click.Option(["--only"], default=None, metavar="STAGE,...",
                                   help="bench only these stages (extract, train-fae, train-decoder, encode, "
                                        "train-sit, sample, evaluate)"))),
+    "scale": Stage("bench_scale", [],
+                   "ImageNet-sized rehearsal: generated folder, real stages and bookkeeping with tiny models; "
+                   "wall time, peak RSS, files, time outside the model per stage and growth per 10x samples.",
+                   (click.Option(["--samples"], default="10000", show_default=True, metavar="N[,N...]",
+                                 help="rehearsal sizes (1281000 = ImageNet: 1,000 classes x 1,281 images)"),
+                    click.Option(["--workdir"], default="bench-scale", show_default=True, metavar="DIR",
+                                 help="where each size's project (images, caches, runs) is made, as DIR/<N>"),
+                    click.Option(["--results"], default=None, metavar="FILE",
+                                 help="JSON the sizes accumulate in [default: DIR/results.json]"),
+                    click.Option(["--keep"], is_flag=True, default=False,
+                                 help="keep each size's project instead of deleting it after measuring"),
+                    click.Option(["--sit-steps"], type=click.IntRange(min=1), default=200, show_default=True,
+                                 help="train-sit steps (streaming)"),
+                    click.Option(["--fae-steps"], type=click.IntRange(min=1), default=20, show_default=True,
+                                 help="train-fae steps"),
+                    click.Option(["--workers"], type=click.IntRange(min=0), default=2, show_default=True,
+                                 help="dask workers of extract and encode (0: in-process, no dask)"))),
 }
 
 KEY_COLUMN = 40  # characters of `key = value` before the help column

@@ -33,7 +33,7 @@ def F(default, help: str, *, choices=None, min=None, max=None):  # noqa: A002 - 
 
 @dataclass
 class Paths:
-    index: str = F("cache/index.json", "dataset index written by `prepare`")
+    index: str = F("cache/index.npz", "dataset index written by `prepare` (.npz; a .json path gets the old JSON format)")
     features: str = F("cache/features.zarr", "DINOv2 feature store written by `extract`")
     latents: str = F("cache/latents.zarr", "FAE latent store written by `encode`")
     fae_run: str = F("runs/fae", "train-fae run directory (checkpoints, logs)")

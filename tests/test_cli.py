@@ -28,6 +28,7 @@ ALLOWED = {
     "sample": set(), "evaluate": set(), "probe": set(),
     "bench extract": set(), "bench loader": {"synthetic", "features"}, "bench train-step": {"synthetic"},
     "bench stages": {"synthetic", "competitor", "compile_", "only"},
+    "bench scale": {"samples", "workdir", "results", "keep", "sit_steps", "fae_steps", "workers"},
 }
 
 

@@ -54,7 +54,7 @@ def project(tmp_path_factory):
 def test_every_stage_leaves_its_artefacts(project):
     root, log = project
     assert "RANDOM" in log  # the run says plainly that the encoder weights are random
-    assert len(read_index(root / "cache/index.json")) == 30
+    assert len(read_index(root / "cache/index.npz")) == 30
     for store, kind in (("cache/features.zarr", "features"), ("cache/latents.zarr", "latents")):
         assert zarr.open_group(str(root / store), mode="r").attrs["kind"] == kind
         _run(["fae-pipe", "verify", store], root)

@@ -36,6 +36,7 @@ from fae_pipe.artifacts import disk_write_error
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import read_record, write_record
 from fae_pipe.errors import StopRequested, StopSignals
+from fae_pipe.phases import phase
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ def write_shard(group: zarr.Group, store_path, shard_index: int, start: int, sto
         "samples": stop - start, "valid": int(np.count_nonzero(valid)) if valid is not None else stop - start,
         "failures": failures, "extras": extras, "seconds": round(seconds, 3),
     }
-    write_record(store_path, shard_index, record)
+    with phase("shards: record write"):
+        write_record(store_path, shard_index, record)
     return record
 
 
@@ -195,7 +197,8 @@ def run_unit(task: ShardTask, store_path: str, shard_ids: list[int], plan: Shard
             break
         start, stop_ = plan.bounds(shard_index)
         t0 = time.perf_counter()
-        arrays, extras = ready.compute(shard_index, start, stop_, progress)
+        with phase("model: shard compute"):
+            arrays, extras = ready.compute(shard_index, start, stop_, progress)
         records.append(write_shard(group, store_path, shard_index, start, stop_, arrays, extras,
                                    config_hash, time.perf_counter() - t0))
         if topic is not None:
@@ -252,8 +255,9 @@ def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *
     unit_list, note = plan.units(units)
     if note:
         print(note, file=sys.stderr)
-    todo = [[i for i in unit if not record_matches(read_record(path, i), config_hash, *plan.bounds(i))]
-            for unit in unit_list]
+    with phase("shards: plan (read records)"):
+        todo = [[i for i in unit if not record_matches(read_record(path, i), config_hash, *plan.bounds(i))]
+                for unit in unit_list]
     todo = [unit for unit in todo if unit]
     pending = [i for unit in todo for i in unit]
     total = sum(plan.bounds(i)[1] - plan.bounds(i)[0] for i in pending)
@@ -279,16 +283,17 @@ def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *
     finally:
         signals.restore()
         bar.close()  # ends the bar's line, so an error message starts on its own line
-    done = sum(record_matches(read_record(path, i), config_hash, *plan.bounds(i)) for i in range(plan.num_shards))
+    with phase("shards: collect records"):
+        records = {}
+        for i in range(plan.num_shards):
+            rec = read_record(path, i)
+            if record_matches(rec, config_hash, *plan.bounds(i)):
+                records[i] = rec
+    done = len(records)
     if stopped() and done < plan.num_shards:  # a signal after the last shard: the run simply completed
         raise StopRequested(f"{desc}: stop signal ({signals.name(signals.requested)}): {done} of {plan.num_shards} "
                             f"storage shards complete, the rest left cleanly without records; run the same command "
                             f"again to continue")
-    records = {}
-    for i in range(plan.num_shards):
-        rec = read_record(path, i)
-        if record_matches(rec, config_hash, *plan.bounds(i)):
-            records[i] = rec
     return RunResult(path, plan.num_samples, plan.num_shards, len(pending), plan.num_shards - len(pending),
                      total, seconds, records)
 
@@ -298,14 +303,15 @@ def _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, thread
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
-    if scheduler:
-        client = Client(scheduler)
-        n_workers = REMOTE_WORKER
-    else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=40)
-        client = Client(cluster)
-        n_workers = workers
+    with phase("dask: cluster start"):
+        if scheduler:
+            client = Client(scheduler)
+            n_workers = REMOTE_WORKER
+        else:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=40)
+            client = Client(cluster)
+            n_workers = workers
     topic = f"fae-pipe-progress-{uuid.uuid4().hex}"
     try:
         client.subscribe_topic(topic, lambda event: bar.update(event[1]["samples"]))

@@ -5,7 +5,7 @@ the usual ImageNet tooling: classes are the sorted names of the directories in t
 root, and each class directory is walked recursively (symlinks followed, each real
 directory once, so a symlink loop ends) with directories and file names sorted.
 Extensions .jpg .jpeg .png .webp .gif, any case (an animated GIF/WebP/PNG gives its
-first frame). A file name that is not valid UTF-8 cannot be stored in the JSON index:
+first frame). A file name that is not valid UTF-8 cannot be stored in the index:
 it is a failure ("file name is not valid UTF-8"), listed with its undecodable bytes
 shown as backslash escapes; a dangling symlink is a failure too.
 One deliberate difference: hidden directories (name starting with ".") are not
@@ -32,6 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from fae_pipe.data.index import DatasetIndex, stratified_holdout
 from fae_pipe.data.transforms import ImageDecodeError, load_rgb
 from fae_pipe.errors import UserError
+from fae_pipe.phases import phase
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 CHECKS = ("header", "full")
@@ -83,7 +84,7 @@ def name_problem(path: Path) -> str | None:
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
-        return "file name is not valid UTF-8 (the JSON index cannot store it): rename the file"
+        return "file name is not valid UTF-8 (the index cannot store it): rename the file"
     if path.is_symlink() and not path.exists():
         return f"dangling symlink (its target {printable(os.readlink(path))!r} does not exist)"
     return None
@@ -124,8 +125,13 @@ def check_full(path: Path) -> str | None:
     return None
 
 
-def _checked(paths: list[Path], check: str, workers: int, progress: bool):
-    """Yield (reason or None, size) per path, in order; threads overlap I/O and decoding."""
+def _checked(paths, total: int, check: str, workers: int, progress: bool):
+    """Yield (reason or None, size) per path of the iterable ``paths``, in order; threads overlap I/O and decoding.
+
+    ``paths`` is consumed ``_BLOCK`` at a time, so 1.28M files never exist as 1.28M Path objects at once.
+    """
+    from itertools import islice
+
     from tqdm import tqdm
 
     fn = check_full if check == "full" else check_header
@@ -134,13 +140,14 @@ def _checked(paths: list[Path], check: str, workers: int, progress: bool):
         reason = name_problem(p) or fn(p)
         return reason, (p.stat().st_size if reason is None else 0)
 
-    bar = tqdm(total=len(paths), desc=f"checking images ({check})", unit="img",
+    bar = tqdm(total=total, desc=f"checking images ({check})", unit="img",
                disable=None if progress else True, leave=False)
     try:
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                for start in range(0, len(paths), _BLOCK):  # bounded: no million pending futures
-                    for result in pool.map(one, paths[start:start + _BLOCK]):
+                paths = iter(paths)
+                while block := list(islice(paths, _BLOCK)):  # bounded: no million pending futures
+                    for result in pool.map(one, block):
                         bar.update()
                         yield result
         else:
@@ -172,7 +179,8 @@ def scan_folder(root, holdout_fraction: float, seed: int, on_error: str = "skip"
     classes = list_classes(root)
     if not classes:
         raise UserError(f"data.root '{root_str}' holds no class directories: expected root/<class>/<image>")
-    items = list_images(root, classes)
+    with phase("scan: list files"):
+        items = list_images(root, classes)
     if not items:
         raise UserError(f"data.root '{root_str}' holds no images ({' '.join(IMAGE_EXTENSIONS)}) "
                         f"in its {len(classes)} class directories")
@@ -182,8 +190,22 @@ def scan_folder(root, holdout_fraction: float, seed: int, on_error: str = "skip"
         raise UserError(f"class directory '{root / empty[0]}' holds no images ({' '.join(IMAGE_EXTENSIONS)}); "
                         f"remove it or add images ({len(empty)} such class directories)")
 
+    results = _checked((root / rel for rel, _ in items), len(items), check, workers, progress)
+    with phase("scan: check images"):
+        paths, labels, sizes, failures = _keep_readable(items, results, root, on_error)
+    if not paths:
+        raise UserError(f"data.root '{root_str}': none of its {len(items)} images could be read "
+                        f"(first: {failures[0]['path']}: {failures[0]['reason']})")
+    labels = np.asarray(labels, dtype=np.int64)
+    with phase("scan: split + fingerprint"):
+        holdout = stratified_holdout(paths, labels, holdout_fraction, seed)
+        return DatasetIndex(root=root_str, classes=classes, paths=paths, labels=labels, sizes=sizes,
+                            holdout=holdout, seed=seed, holdout_fraction=holdout_fraction, failures=failures)
+
+
+def _keep_readable(items, results, root: Path, on_error: str):
+    """Split the checked files into the indexed (paths, labels, sizes) and the failures."""
     paths, labels, sizes, failures = [], [], [], []
-    results = _checked([root / rel for rel, _ in items], check, workers, progress)
     for (rel, label), (reason, size) in zip(items, results):
         if reason is None:
             paths.append(rel)
@@ -195,10 +217,4 @@ def scan_folder(root, holdout_fraction: float, seed: int, on_error: str = "skip"
                             f"use data.on_error=skip to leave such files out)")
         else:
             failures.append({"path": printable(rel), "reason": reason})
-    if not paths:
-        raise UserError(f"data.root '{root_str}': none of its {len(items)} images could be read "
-                        f"(first: {failures[0]['path']}: {failures[0]['reason']})")
-    labels = np.asarray(labels, dtype=np.int64)
-    holdout = stratified_holdout(paths, labels, holdout_fraction, seed)
-    return DatasetIndex(root=root_str, classes=classes, paths=paths, labels=labels, sizes=sizes,
-                        holdout=holdout, seed=seed, holdout_fraction=holdout_fraction, failures=failures)
+    return paths, labels, sizes, failures
