@@ -21,6 +21,7 @@ import zarr
 
 from fae_pipe.cli import main as cli_main
 from fae_pipe.errors import UserError
+from test_train_sit import fresh_accelerate_state  # noqa: F401 (autouse: accelerate's singletons per test)
 
 N, SHARDS = 24, 6  # 4 classes x 6 images, storage shards of 4 samples
 TRAIN = {"steps": 8, "batch_size": 8, "checkpoint_every": 2, "keep_last": 2, "log_every": 1, "precision": "fp32",
@@ -65,15 +66,6 @@ def tiny_config(root: Path, **sections) -> Path:
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +252,17 @@ def test_evaluate_rebuilds_held_out_images_through_the_vae(built, sit_run):
     rec = result["reconstruction"]
     assert result["latent_source"] == "sdvae" and rec["num_images"] >= 2 and rec["psnr"] is not None
     assert not [w for w in result["warnings"] if "FAE" in w]  # no FAE exists here, none was asked for
+
+
+@pytest.mark.slow
+def test_random_weights_are_the_sd_vae_architecture_recorded_as_random(capsys):
+    from fae_pipe.models.vae import SD_VAE_CONFIG, Vae
+
+    vae = Vae.build("random")
+    assert "RANDOM" in capsys.readouterr().err
+    rec = vae.record
+    assert rec["random_weights"] is True and rec["weights"] == "random" and rec["downsample"] == 8
+    assert rec["config"]["block_out_channels"] == SD_VAE_CONFIG["block_out_channels"]
+    mean, std = vae.posterior(torch.zeros(1, 3, 256, 256))
+    assert mean.shape == std.shape == (1, 4, 32, 32) and vae.grid(256) == (32, 32)  # 4x32x32 at 256 px
+    assert Vae.from_record(rec).record["weights_fingerprint"] == rec["weights_fingerprint"]  # the fixed seed
