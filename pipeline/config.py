@@ -39,6 +39,7 @@ class Paths:
     fae_run: str = F("runs/fae", "train-fae run directory (checkpoints, logs)")
     decoder_run: str = F("runs/decoder", "train-decoder run directory")
     sit_run: str = F("runs/sit", "train-sit run directory")
+    flow_run: str = F("runs/flow", "train-flow run directory (the normalizing-flow generator)")
     samples: str = F("samples", "where `sample` writes grids and .npz files")
     metrics: str = F("metrics", "where stages write metric JSON files for DVC")
 
@@ -207,6 +208,28 @@ class Sit:
 
 
 @dataclass
+class Flow:
+    """The normalizing-flow generator (TARFlow/STARFlow, ``fae_pipe.models.tarflow`` + ``fae_pipe.flow``): docs/flow.md."""
+
+    model: str = F("starflow_xl", "registry name of the flow (kind flow: tarflow_*, starflow_*)")
+    patch_size: int = F(1, "patch size on the latent grid (1 on FAE latents, 2 on SD-VAE latents)", min=1)
+    noise_sigma: float = F(0.3, "std of the Gaussian noise added to the normalised training latents (STARFlow: "
+                           "0.3); sampling undoes it with the denoising step", min=0.0)
+    label_dropout: float = F(0.1, "probability of replacing the label by the null class", min=0.0, max=1.0)
+    denoise: str = F("tweedie", "after inversion: tweedie = x + sigma^2 grad log p(x) by autograd; none = keep the "
+                     "noisy sample", choices=["tweedie", "none"])
+    guidance: float = F(1.0, "sampling: guidance scale w (1 = none)", min=0.0)
+    guidance_schedule: str = F("ramp", "sampling: w per token of a block: constant, or ramp 1 -> w over the "
+                               "tokens (TARFlow's annealed guidance)", choices=["constant", "ramp"])
+    guidance_mode: str = F("product", "sampling: product = the Gaussian p_c^w p_u^(1-w) per token (STARFlow); "
+                           "extrapolate = mu and log-scale extrapolated (TARFlow)", choices=["product", "extrapolate"])
+    eval_samples: int = F(10_000, "images drawn every train.eval_every steps for the quality curve (eval.csv); "
+                          "0 = no curve", min=0)
+    train: Train = T("train-flow loop", steps=1_000_000, batch_size=512, warmup=1000, ema_decay=0.9999,
+                     checkpoint_every=50_000, keep_last=3, memory_budget_gb=64.0, eval_every=50_000)
+
+
+@dataclass
 class Runtime:
     attention: str = F("sdpa", "attention kernel: sdpa (PyTorch, every device) or xformers (CUDA tensors only; "
                        "needs the cuda extra)", choices=["sdpa", "xformers"])
@@ -271,14 +294,24 @@ class Config:
     evaluate: Evaluate = field(default_factory=Evaluate)
     probe: Probe = field(default_factory=Probe)
     runtime: Runtime = field(default_factory=Runtime)
+    flow: Flow = field(default_factory=Flow)
+    generator: str = field(default="sit", metadata={
+        "top": True, "help": "the generator train/sample/evaluate run on the latents: sit (diffusion, sit.*) or "
+                             "flow (normalizing flow, flow.*)", "choices": ["sit", "flow"], "min": None, "max": None})
     source: str = field(default="<defaults>", metadata={"internal": True})
 
     def to_dict(self) -> dict:
-        return {s: dataclasses.asdict(getattr(self, s)) for s in section_names()}
+        return {**{s: dataclasses.asdict(getattr(self, s)) for s in section_names()},
+                **{k: getattr(self, k) for k in top_keys()}}
 
 
 def section_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")]
+    return [f.name for f in dataclasses.fields(Config) if not (f.metadata.get("internal") or f.metadata.get("top"))]
+
+
+def top_keys() -> list[str]:
+    """Keys that are a value at the top level of the config, not a section (``generator``)."""
+    return [f.name for f in dataclasses.fields(Config) if f.metadata.get("top")]
 
 
 def _is_group(cls, f: dataclasses.Field) -> bool:
@@ -288,6 +321,8 @@ def _is_group(cls, f: dataclasses.Field) -> bool:
 def iter_keys(section: str) -> list[tuple[str, dataclasses.Field]]:
     """Every leaf key of ``section`` as ``(dotted key, field)``, nested groups flattened (``sit.train.lr``)."""
     out: list[tuple[str, dataclasses.Field]] = []
+    if section in top_keys():
+        return [(section, next(f for f in dataclasses.fields(Config) if f.name == section))]
 
     def walk(cls, prefix: str) -> None:
         for f in dataclasses.fields(cls):
@@ -396,6 +431,8 @@ def _resolve(key: str, where: str) -> tuple[Any, dataclasses.Field]:
     """The dataclass *type* owning the leaf ``key`` and its field; a one-line error for unknown keys."""
     parts = key.split(".")
     sections = section_names()
+    if key in top_keys():
+        return Config, next(f for f in dataclasses.fields(Config) if f.name == key)
     new = renamed(key)
     if new is not None:
         raise UserError(f"config error ({where}): key '{key}' was renamed: use '{new}'")
@@ -478,6 +515,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             if section in RENAMED_SECTIONS:
                 raise UserError(f"config error ({p}): section '{section}' was renamed: use "
                                 f"'{RENAMED_SECTIONS[section]}'")
+            if section in top_keys():
+                set_key(cfg, section, values, str(p))
+                continue
             if section not in section_names():
                 raise UserError(f"config error ({p}): unknown section '{section}'; valid: {', '.join(section_names())}")
             for key, value in _flatten(section, values, str(p)).items():

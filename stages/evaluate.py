@@ -197,6 +197,7 @@ def _samples_meta(m: dict | None) -> dict | None:
         return None
     out = {k: m.get(k) for k in ("method", "steps", "seed", "use_ema", "num_samples")}
     out["guidance"] = json.dumps(m.get("guidance"))
+    out["generator"] = m.get("generator", "sit")  # which generator family made them (samples.json before: SiT)
     return out
 
 
@@ -230,7 +231,8 @@ def _num(v, fmt: str = ".3f") -> str:
 
 def summary_line(r: dict, out: Path) -> str:
     rc = r["reconstruction"]
-    return (f"evaluate: {r['num_generated']} samples vs {r['num_reference']} reference: FD-DINOv2 "
+    made_by = f" ({r['samples']['generator']})" if r.get("samples") else ""
+    return (f"evaluate: {r['num_generated']} samples{made_by} vs {r['num_reference']} reference: FD-DINOv2 "
             f"{_num(r['fd_dinov2'], '.4g')}, FID {_num(r['fid'], '.2f')}, IS {_num(r['inception_score'], '.2f')}, "
             f"precision {_num(r['precision'])}, recall {_num(r['recall'])}; reconstruction: rFD-DINOv2 "
             f"{_num(rc.get('rfd_dinov2'), '.4g')}, PSNR {_num(rc.get('psnr'), '.2f')} dB, LPIPS "

@@ -54,14 +54,18 @@ def _distributed_state():
     return state.process_index, state.num_processes, state.device, state.wait_for_everyone
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, export: str | None = None) -> dict:
+    """``export``: the generator file to sample (``--export``; default: the configured ``generator``'s in its
+    run directory); its family (SiT or flow) comes from the file."""
     s, paths = cfg.sample, cfg.paths
     t0 = time.perf_counter()
     rank, world, launch_device, barrier = _distributed_state()
     device = launch_device if (s.device == "auto" and world > 1) else pick_device(s.device)
-    sit_path, fae_path, decoder_path = default_paths(paths)
+    sit_path, fae_path, decoder_path = default_paths(paths, cfg.generator)
+    sit_path = Path(export) if export else sit_path
     gen = ImageGenerator.load(sit_path, fae_path, decoder_path, use_ema=s.use_ema, device=device,
-                              attention=cfg.runtime.attention)
+                              attention=cfg.runtime.attention, flow_denoise=cfg.flow.denoise == "tweedie")
+    how = _how(cfg, gen)
     names = class_names(paths.latents, gen.num_classes)
     classes = resolve_classes(list(s.classes), gen.num_classes, names)
     labels = balanced_labels(classes, s.num_samples)
@@ -70,14 +74,16 @@ def run(cfg: Config) -> dict:
     out_dir = Path(paths.samples)
     if rank == 0:
         c, h, w = gen.latent_shape
-        print(f"sample: {s.num_samples} images of {len(classes)} class(es) with {s.method} x {s.steps} steps, "
-              f"guidance {s.guidance or 'none'}, shift {gen.shift:.3g}, {c}x{h}x{w} latents, "
+        what = (f"the flow (guidance {how['guidance']}, denoise {cfg.flow.denoise})" if gen.family == "flow" else
+                f"{s.method} x {s.steps} steps, guidance {s.guidance or 'none'}, shift {gen.shift:.3g}")
+        print(f"sample: {s.num_samples} images of {len(classes)} class(es) with {what}, {c}x{h}x{w} latents, "
               f"{'EMA' if s.use_ema else 'raw'} weights, {world} process(es) on {device}", file=sys.stderr)
 
     pieces = []
     with tqdm(total=my_count, desc="sample", unit="img", disable=rank != 0, dynamic_ncols=True) as bar:
         for batch in mine:
-            pieces.append(gen.generate(batch, labels[batch.start:batch.stop], s.seed, s.method, s.steps, s.guidance))
+            pieces.append(gen.generate(batch, labels[batch.start:batch.stop], s.seed, s.method, s.steps,
+                                       how["sampler_guidance"]))
             bar.update(len(batch))
     indices = np.concatenate([np.arange(b.start, b.stop) for b in mine]) if mine else np.zeros(0, np.int64)
     own = np.concatenate(pieces) if pieces else np.zeros((0, 1, 1, 3), np.uint8)
@@ -89,6 +95,7 @@ def run(cfg: Config) -> dict:
     if rank == 0:
         images = gather_parts(out_dir, world, s.num_samples) if world > 1 else own
         summary = _write_outputs(out_dir, images, labels, classes, names, s, gen, fae_path, sit_path, world)
+        summary.update(how["record"])
         wall = time.perf_counter() - t0
         summary["wall_seconds"] = round(wall, 3)
         _write_meta(out_dir / META_FILE, summary)
@@ -98,6 +105,19 @@ def run(cfg: Config) -> dict:
     if world > 1:
         barrier()
     return summary
+
+
+def _how(cfg: Config, gen) -> dict:
+    """How this generator samples: the guidance its sampler takes, and what samples.json records of it."""
+    s, f = cfg.sample, cfg.flow
+    if gen.family != "flow":
+        return {"sampler_guidance": s.guidance, "record": {"generator": "sit"}}
+    from fae_pipe.flow import configured
+
+    guidance = {"scale": f.guidance, "schedule": f.guidance_schedule, "mode": f.guidance_mode}
+    return {"sampler_guidance": configured(f.guidance, f.guidance_schedule, f.guidance_mode), "guidance": guidance,
+            "record": {"generator": "flow", "method": "flow-inversion", "steps": None, "guidance": guidance,
+                       "denoise": f.denoise, "noise_sigma": gen.flow_sigma, "shift_factor": None}}
 
 
 def _write_outputs(out_dir: Path, images, labels, classes, names, s, gen, fae_path, sit_path, world) -> dict:

@@ -37,9 +37,9 @@ EVAL_FIELDS = ["fd_dinov2", "precision", "recall", "density", "coverage", "eval_
 
 def generator_data(cfg, run):
     """The batches the generator learns from: FAE latents or raw encoder features (RAE), with REPA targets if asked."""
-    s, t = cfg.sit, cfg.sit.train
+    s = cfg.sit
     repa = cfg.paths.features if s.repa_weight > 0 else None
-    args = (run.micro_batch, t.seed, run.rank, run.world, run.memory_budget_bytes, t.shuffle_buffer)
+    args = run.loader_args()
     if s.input == "features":
         from fae_pipe.data.features import FeatureBatches
 

@@ -25,8 +25,8 @@ ALLOWED = {
     "prepare": {"demo"}, "extract": {"shards", "workers", "scheduler", "overwrite"},
     "encode": {"shards", "workers", "scheduler", "overwrite"},
     "train-fae": {"resume"}, "train-decoder": {"resume"}, "train-sit": {"resume"},
-    "sample": set(), "evaluate": set(), "probe": set(),
-    "bench extract": set(), "bench loader": {"synthetic", "features"}, "bench train-step": {"synthetic"},
+    "train-flow": {"resume"}, "sample": {"export"}, "evaluate": set(), "probe": set(),
+    "bench extract": set(), "bench loader": {"synthetic", "features", "object_store"}, "bench train-step": {"synthetic"},
     "bench stages": {"synthetic", "competitor", "compile_", "only"},
     "bench scale": {"samples", "workdir", "results", "keep", "sit_steps", "fae_steps", "workers"},
 }
@@ -110,11 +110,11 @@ def test_every_command_has_only_the_allowed_flags_and_passes_only_run_arguments(
 
 
 def test_sections_table():
-    for name in ("train-fae", "train-decoder", "train-sit", "encode", "sample", "evaluate", "probe"):
+    for name in ("train-fae", "train-decoder", "train-sit", "train-flow", "encode", "sample", "evaluate", "probe"):
         assert "runtime" in COMMANDS[name].sections, name
     assert "runtime" not in COMMANDS["extract"].sections and "runtime" not in COMMANDS["prepare"].sections
     for stage in [*COMMANDS.values(), *BENCHES.values()]:
-        assert set(stage.sections) <= set(C.section_names()), stage
+        assert set(stage.sections) <= set(C.section_names()) | set(C.top_keys()), stage
 
 
 def test_help_without_params_yaml_and_with_an_invalid_one(cwd):

@@ -6,9 +6,9 @@ objective (exact NLL in bits per dimension, Gaussian noise augmentation), its sa
 the formulas and the choices made where TARFlow/STARFlow leave room.
 """
 
-from fae_pipe.flow.guidance import MODES, SCHEDULES, FlowGuidance, mix
+from fae_pipe.flow.guidance import MODES, SCHEDULES, FlowGuidance, configured, mix
 from fae_pipe.flow.likelihood import FlowLoss, bits_per_dim, log_prob, nll_per_dim, noise_augment, training_loss
 from fae_pipe.flow.sampling import denoise, invert, sample, score
 
-__all__ = ["FlowGuidance", "FlowLoss", "MODES", "SCHEDULES", "bits_per_dim", "denoise", "invert", "log_prob", "mix",
+__all__ = ["FlowGuidance", "FlowLoss", "MODES", "SCHEDULES", "bits_per_dim", "configured", "denoise", "invert", "log_prob", "mix",
            "nll_per_dim", "noise_augment", "sample", "score", "training_loss"]

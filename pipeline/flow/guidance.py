@@ -67,3 +67,9 @@ def mix(mu_c: torch.Tensor, alpha_c: torch.Tensor, mu_u: torch.Tensor, alpha_u: 
         prec = torch.maximum(prec, prec_c / w)
     mu = (w * prec_c * mu_c + (1.0 - w) * prec_u * mu_u) / prec
     return mu, -0.5 * torch.log(prec)
+
+
+def configured(scale: float, schedule: str = "constant", mode: str = "product") -> FlowGuidance | None:
+    """The guidance to sample with from config values (``flow.guidance*``); None at scale 1, so unguided
+    sampling skips the null-class pass (scale 1 gives the same samples either way)."""
+    return None if scale == 1.0 else FlowGuidance(scale, schedule, mode)

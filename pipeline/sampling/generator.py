@@ -33,6 +33,7 @@ from fae_pipe.errors import UserError
 from fae_pipe.fae.autoencoder import DECODER_FILE, FAE_FILE, FeatureAutoencoder, FeaturePixelDecoder
 from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.sampling.plan import batch_generator, sample_noise
+from fae_pipe.training.flow_export import FLOW_FILE, generator_family, load_flow_export
 from fae_pipe.training.sit_export import SIT_FILE, build_sit_from_export, load_sit_export
 from fae_pipe.transport import as_schedule, sample
 
@@ -67,21 +68,26 @@ class ImageGenerator:
     """
 
     def __init__(self, sit, fae: FeatureAutoencoder, latent_shape, num_classes: int, shift: float, null_class: int,
-                 device, latent_source: dict | None = None):
+                 device, latent_source: dict | None = None, family: str = "sit", flow_sigma: float = 0.0):
         self.sit, self.fae, self.device = sit, fae, torch.device(device)
+        # family "flow": ``sit`` is a normalizing flow (fae_pipe.flow); flow_sigma is its Tweedie step's sigma
+        self.family, self.flow_sigma = family, float(flow_sigma)
         self.latent_source = latent_source  # the export's record of what made the latents (None: not recorded)
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.num_classes, self.shift, self.null_class = int(num_classes), float(shift), int(null_class)
 
     @classmethod
     def load(cls, sit_path, fae_path, decoder_path, use_ema: bool = True,
-             device: torch.device | str = "cpu", attention: str = "sdpa") -> "ImageGenerator":
+             device: torch.device | str = "cpu", attention: str = "sdpa", flow_denoise: bool = True) -> "ImageGenerator":
         """Load and cross-check ``sit.safetensors``, ``fae.safetensors`` and ``decoder.safetensors``.
 
+        ``sit_path`` may also be a ``flow.safetensors`` (train-flow): the generator family is read
+        from the file, and ``flow_denoise`` then says whether the Tweedie step follows inversion.
         ``attention`` is the attention kernel of every model ("sdpa" or "xformers", the
         ``runtime.attention`` setting; see ``fae_pipe.models.layers.attention``).
         """
-        export = load_sit_export(sit_path)
+        family = generator_family(sit_path)
+        export = load_sit_export(sit_path) if family == "sit" else load_flow_export(sit_path)
         transport = export.get("transport") or {}
         raw_features = transport.get("generator_input") == "features"  # RAE: no FAE between SiT and pixels
         latent_source = export.get("latent_source")
@@ -110,8 +116,10 @@ class ImageGenerator:
                             "trained for")
         sit = set_attention_backend(build_sit_from_export(export, use_ema=use_ema).to(device), attention)
         num_classes = int(export["num_classes"])
-        return cls(sit, fae, shape, num_classes, float(transport.get("shift_factor", 1.0)), int(transport.get("null_class", num_classes)), device,
-                   latent_source)
+        flow = export.get("flow") or {}
+        return cls(sit, fae, shape, num_classes, float(transport.get("shift_factor", 1.0)),
+                   int(transport.get("null_class", flow.get("null_class", num_classes))), device, latent_source,
+                   family, float(flow.get("noise_sigma", 0.0)) if flow_denoise else 0.0)
 
     def latents(self, labels, noise: torch.Tensor, method: str = "euler", steps: int = 250, guidance=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -119,6 +127,10 @@ class ImageGenerator:
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise UserError(f"class labels must lie in [0, {self.num_classes}); got {int(y.min())}..{int(y.max())}")
+        if self.family == "flow":  # guidance: a fae_pipe.flow.FlowGuidance or None; method and steps unused
+            from fae_pipe.flow import sample as flow_sample
+
+            return flow_sample(self.sit, noise.to(self.device), y, guidance, self.null_class, self.flow_sigma)
         return sample(self.sit, noise.to(self.device), y, method=method, steps=steps, shift=self.shift,
                       guidance=as_schedule(guidance), null_class=self.null_class, generator=generator)
 
@@ -135,6 +147,8 @@ class ImageGenerator:
         return self.decode(self.latents(labels, noise, method, steps, guidance, gen))
 
 
-def default_paths(paths) -> tuple[Path, Path, Path]:
-    """``sit.safetensors``, ``fae.safetensors`` and ``decoder.safetensors`` inside the configured run directories."""
-    return Path(paths.sit_run) / SIT_FILE, Path(paths.fae_run) / FAE_FILE, Path(paths.decoder_run) / DECODER_FILE
+def default_paths(paths, generator: str = "sit") -> tuple[Path, Path, Path]:
+    """The generator export (``sit.safetensors``, or ``flow.safetensors`` for ``generator`` "flow"),
+    ``fae.safetensors`` and ``decoder.safetensors`` inside the configured run directories."""
+    export = Path(paths.flow_run) / FLOW_FILE if generator == "flow" else Path(paths.sit_run) / SIT_FILE
+    return export, Path(paths.fae_run) / FAE_FILE, Path(paths.decoder_run) / DECODER_FILE

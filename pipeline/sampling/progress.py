@@ -65,10 +65,12 @@ class QualityProbe:
         num_samples, steps: images per evaluation and sampler steps.
         rank, world, gather: this process, the process count and an all-gather of a
             tensor (Accelerate's ``gather``), so every process scores the same union.
+        draw: ``draw(model, noise, labels) -> outputs`` for a generator that is not sampled by
+            ``fae_pipe.transport`` (the flow); shift and steps are then unused.
     """
 
     def __init__(self, cfg, decode, shape, num_classes: int, null_class: int, shift: float, num_samples: int,
-                 steps: int, device, rank: int = 0, world: int = 1, gather=None):
+                 steps: int, device, rank: int = 0, world: int = 1, gather=None, draw=None):
         from fae_pipe.fae.data import open_feature_store
         from fae_pipe.sampling.reference import GenerationScorer
 
@@ -76,7 +78,7 @@ class QualityProbe:
         self.scorer = GenerationScorer(cfg, group, cfg.paths.features, device)
         self.decode, self.shape, self.null_class, self.shift = decode, tuple(shape), null_class, shift
         self.method, self.guidance, self.seed = cfg.sample.method, as_schedule(cfg.sample.guidance), cfg.sample.seed
-        self.steps, self.device, self.world, self.gather = steps, device, world, gather
+        self.steps, self.device, self.world, self.gather, self.draw = steps, device, world, gather, draw
         classes = resolve_classes(cfg.sample.classes, num_classes, group.attrs.get("classes"))
         self.labels = balanced_labels(classes, num_samples)
         self.batch_size, self.num_samples = cfg.sample.batch_size, num_samples
@@ -92,8 +94,9 @@ class QualityProbe:
             noise = sample_noise(self.seed, batch, self.shape).to(self.device)
             y = torch.as_tensor(self.labels[batch.start:batch.stop], device=self.device)
             gen = batch_generator(self.seed, batch) if self.method == "sde" else None
-            x = sample(model, noise, y, method=self.method, steps=self.steps, shift=self.shift,
-                       guidance=self.guidance, null_class=self.null_class, generator=gen)
+            x = self.draw(model, noise, y) if self.draw is not None else sample(
+                model, noise, y, method=self.method, steps=self.steps, shift=self.shift, guidance=self.guidance,
+                null_class=self.null_class, generator=gen)
             feats.append(self.scorer.features(self.decode(x)))
         model.train(was_training)
         mine = np.concatenate(feats) if feats else np.zeros((0, self.scorer.width), np.float32)

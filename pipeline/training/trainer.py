@@ -138,6 +138,12 @@ class Trainer:
         self.ema: EMA | None = None
 
     # ---- setup ---------------------------------------------------------------------------------------------
+    def loader_args(self) -> tuple:
+        """``(batch, seed, rank, world, memory budget, shuffle buffer)``: this process's share of the data, as
+        every generator loader (``LatentBatches``, ``FeatureBatches``) takes it, from ``train``."""
+        return (self.micro_batch, self.t.seed, self.rank, self.world, self.memory_budget_bytes,
+                self.t.shuffle_buffer)
+
     def generator(self, step: int, stream: str) -> torch.Generator:
         """The generator of one random stream of one step of this process."""
         return seeded_generator(self.t.seed, self.rank, step, stream, device=self.device)

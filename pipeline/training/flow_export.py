@@ -1,0 +1,63 @@
+"""``flow.safetensors``: the one file the sampling stage needs from a train-flow run.
+
+Same layout and reasons as the SiT export (``fae_pipe.training.sit_export``): registry
+name and full kwargs, raw and EMA weights, the latent store's statistics and FAE
+fingerprint, the resolved config; plus what sampling needs of the flow itself
+(``flow``: the training noise sigma for the Tweedie step, the null class). The format
+tag ``fae-pipe/flow-export`` and the field ``generator: "flow"`` name the generator
+family, so ``fae-pipe sample`` picks the flow's sampler from the file it is given
+(``generator_family``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fae_pipe.artifacts import load_export, read_export_meta, save_export
+from fae_pipe.errors import UserError
+from fae_pipe.training import sit_export
+
+FORMAT = "fae-pipe/flow-export"
+VERSION = 1
+FLOW_FILE = "flow.safetensors"
+GROUPS = sit_export.GROUPS
+REQUIRED = ("model_name", "model_kwargs", "state_dict", "ema_state_dict", "latent_stats", "fae_fingerprint",
+            "num_classes", "latent_shape", "flow", "config", "step")
+FAMILIES = {sit_export.FORMAT: "sit", FORMAT: "flow"}
+
+
+def save_flow_export(path: str | Path, **fields) -> Path:
+    """Write the export with ``fields`` (all of ``REQUIRED``) to ``path`` atomically."""
+    missing = [k for k in REQUIRED if k not in fields]
+    if missing:
+        raise ValueError(f"flow export is missing {missing}")
+    meta = {"format": FORMAT, "version": VERSION, "generator": "flow",
+            **{k: v for k, v in fields.items() if k not in GROUPS}}
+    return save_export(path, {k: fields[k] for k in GROUPS}, meta)
+
+
+def load_flow_export(path: str | Path) -> dict:
+    """Read and check an export written by ``save_flow_export``."""
+    p = Path(path)
+    groups, meta = load_export(p, FORMAT, "train-flow", what="flow export")
+    if meta.get("version") != VERSION:
+        raise UserError(f"flow export '{p}' has version {meta.get('version')!r}; this fae-pipe reads {VERSION}")
+    return {**meta, **{k: groups.get(k) for k in GROUPS}}
+
+
+def generator_family(path: str | Path) -> str:
+    """"sit" or "flow": which generator wrote the export at ``path`` (by its format tag)."""
+    meta = read_export_meta(path) if Path(path).is_file() else None
+    family = FAMILIES.get((meta or {}).get("format"))
+    if family is None:
+        raise UserError(f"'{path}' is not a generator export (sit.safetensors from train-sit or flow.safetensors "
+                        "from train-flow)" if meta is not None or Path(path).is_file() else
+                        f"generator export '{path}' not found: run `fae-pipe train-sit` or `fae-pipe train-flow` first")
+    return family
+
+
+def build_flow_from_export(payload: dict, use_ema: bool = True) -> torch.nn.Module:
+    """The trained flow in eval mode, with EMA weights when asked for and present."""
+    return sit_export.build_sit_from_export(payload, use_ema)
