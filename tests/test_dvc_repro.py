@@ -131,3 +131,32 @@ def test_exp_run_with_an_fae_setting_rebuilds_the_latents_and_retrains_sit(proje
     latents = zarr.open_group(str(root / "cache/latents.zarr"), mode="r")
     assert latents.attrs["fae_fingerprint"] == file_fingerprint(root / "runs/fae/fae.safetensors")
     assert json.loads((root / "metrics/fae.json").read_text())["steps"] == 10
+
+def test_the_latent_source_is_a_param_of_encode_and_of_nothing_upstream(project):
+    """encode.source / vae.* changes mark exactly `encode` changed (nothing upstream: extract, train-fae and
+    train-decoder stay pinned); train-sit, sample and evaluate follow through the latent store it rewrites."""
+    import yaml
+
+    root, _ = project
+    params = root / "params.yaml"
+    before = params.read_text()
+
+    def changed() -> dict:
+        out = subprocess.run(["dvc", "status", "--json", "dvc.yaml"], cwd=root, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                                  "DVC_NO_ANALYTICS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout or "{}")
+
+    assert changed() == {}
+    for key, value in (("source", "sdvae"), ("weights", "a-vae-directory")):
+        cfg = yaml.safe_load(before)
+        cfg["encode" if key == "source" else "vae"][key] = value
+        params.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        try:
+            status = changed()
+        finally:
+            params.write_text(before)
+        assert set(status) == {"encode"}, status
+        params_changed = status["encode"][0]["changed deps"]["params.yaml"]
+        assert params_changed in ({"encode.source": "modified"}, {"vae": "modified"}), status  # dvc names a section
