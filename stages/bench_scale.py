@@ -45,16 +45,25 @@ RECHECK_SHARDS = 4  # interrupted shards re-made fresh and compared byte for byt
 
 
 def rehearse(samples: int, work: Path, fae_steps: int = FAE_STEPS, sit_steps: int = SIT_STEPS,
-             workers: int = 2) -> dict:
-    """One rehearsal size in ``work`` (created; reused when it holds this size's folder)."""
+             workers: int = 2, on_stage=None) -> dict:
+    """One rehearsal size in ``work`` (created; reused when it holds this size's folder).
+
+    ``on_stage(partial)`` is called after every stage with the result so far (``"partial": True``),
+    so a long size that is stopped still leaves the stages it finished.
+    """
     classes, per_class = steps.layout(samples)
     n = classes * per_class
     work.mkdir(parents=True, exist_ok=True)
     (work / "params.yaml").write_text(yaml.safe_dump(steps.rehearsal_config(n, fae_steps, sit_steps, workers), sort_keys=False))
     shards = steps.num_shards(n)
     rows: list[steps.Measured] = []
-    say = lambda m: print(f"[{n}] {m.stage}: {m.seconds:.1f} s, peak RSS {m.peak_rss_mb} MB, "  # noqa: E731
-                          f"{m.files} files {m.note}", file=sys.stderr, flush=True)
+    head = {"samples": n, "classes": classes, "per_class": per_class, "shards": shards, "dask_workers": workers}
+
+    def say(m: steps.Measured) -> None:
+        print(f"[{n}] {m.stage}: {m.seconds:.1f} s, peak RSS {m.peak_rss_mb} MB, {m.files} files {m.note}",
+              file=sys.stderr, flush=True)
+        if on_stage is not None:
+            on_stage({**head, "stages": [r.to_dict() for r in rows], "partial": True})
 
     t0 = time.perf_counter()
     files = steps.write_folder(work / "data" / "train", classes, per_class)
@@ -80,20 +89,18 @@ def rehearse(samples: int, work: Path, fae_steps: int = FAE_STEPS, sit_steps: in
     stage("verify latents", "verify", "cache/latents.zarr")
     stage("train-sit", "train-sit")
     dvc = str(Path(sys.executable).with_name("dvc"))
-    rows.append(steps.run_measured("dvc init", [dvc, "init", "--no-scm", "-q", "-f"], work))
+    steps.run_measured("dvc init", [dvc, "init", "--no-scm", "-q", "-f"], work)
     (work / "dvc.yaml").write_text(yaml.safe_dump(steps.dvc_yaml(), sort_keys=False))
     rows.append(steps.run_measured("dvc commit", [dvc, "commit", "-f", "-q"], work))
     say(rows[-1])
     rows.append(steps.run_measured("dvc repro (no-op)", [dvc, "repro"], work))
     say(rows[-1])
-    rows = [r for r in rows if r.stage != "dvc init"]
 
     t0 = time.perf_counter()
     checks = check_invariants(work, n, missing[:RECHECK_SHARDS], rows)
     checks["killed_with_records"] = killed_at
     checks["seconds"] = round(time.perf_counter() - t0, 2)
-    return {"samples": n, "classes": classes, "per_class": per_class, "shards": shards,
-            "dask_workers": workers, "disk_mb": round(_du(work) / 2**20, 1), "stages": [r.to_dict() for r in rows], "checks": checks,
+    return {**head, "disk_mb": round(_du(work) / 2**20, 1), "stages": [r.to_dict() for r in rows], "checks": checks,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
@@ -169,7 +176,8 @@ def table(results: dict) -> str:
     stages = []
     for r in sizes:
         stages += [s["stage"] for s in r["stages"] if s["stage"] not in stages]
-    head = ["stage"] + [f"{r['samples']:,}: wall s / RSS MB / files / outside-model s" for r in sizes]
+    head = ["stage"] + [f"{r['samples']:,}{' (unfinished)' if r.get('partial') else ''}: wall s / RSS MB / files / "
+                        "outside-model s" for r in sizes]
     head += [f"growth/10x {a['samples']:,}->{b['samples']:,} (wall, RSS)" for a, b in zip(sizes, sizes[1:])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in stages:
@@ -207,13 +215,17 @@ def run(cfg, samples: str = DEFAULT_SIZES, workdir: str = "bench-scale", results
     root = Path(workdir)
     out = Path(results) if results else root / "results.json"
     collected = steps.read_json(out, {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(result: dict) -> None:
+        collected[str(result["samples"])] = result
+        steps.write_json(out, collected)
+
     for n in parse_sizes(samples):
         work = root / str(n)
-        result = rehearse(n, work, fae_steps=fae_steps, sit_steps=sit_steps, workers=workers)
+        result = rehearse(n, work, fae_steps=fae_steps, sit_steps=sit_steps, workers=workers, on_stage=save)
         result["disk_free_gb"] = round(shutil.disk_usage(root).free / 2**30, 1)
-        collected[str(result["samples"])] = result
-        out.parent.mkdir(parents=True, exist_ok=True)
-        steps.write_json(out, collected)
+        save(result)
         if not keep:
             shutil.rmtree(work)
     text = table(collected)
