@@ -132,6 +132,7 @@ def test_exp_run_with_an_fae_setting_rebuilds_the_latents_and_retrains_sit(proje
     assert latents.attrs["fae_fingerprint"] == file_fingerprint(root / "runs/fae/fae.safetensors")
     assert json.loads((root / "metrics/fae.json").read_text())["steps"] == 10
 
+
 def test_the_latent_source_is_a_param_of_encode_and_of_nothing_upstream(project):
     """encode.source / vae.* changes mark exactly `encode` changed (nothing upstream: extract, train-fae and
     train-decoder stay pinned); train-sit, sample and evaluate follow through the latent store it rewrites."""
