@@ -4,7 +4,8 @@ The same logistic-regression probe (``fae_pipe.metrics.probe``: standardised inp
 L-BFGS for ``probe.iterations`` iterations, one fixed seeded train/held-out split of
 ``probe.holdout_fraction``) is trained on three views of the same images:
 
-1. ``encoder``: the cached encoder patch tokens, mean-pooled;
+1. ``encoder``: the cached encoder patch tokens, mean-pooled (the store's own encoder space,
+   whichever family made it: ``encoder`` in probe.json names it);
 2. ``latent``: the FAE posterior-mean latents, mean-pooled over the grid;
 3. ``reconstructed``: the feature decoder's rebuild of (1) from (2), mean-pooled.
 
@@ -75,7 +76,10 @@ def run(cfg: Config) -> dict:
         result[f"{kind}_train_accuracy"] = r.train_accuracy
         result[f"{kind}_dim"] = int(feats[kind].shape[1])
     enc = group.attrs.get(schema.A_ENCODER)
-    result["encoder_random_weights"] = bool(isinstance(enc, dict) and enc.get("random_weights"))
+    enc = enc if isinstance(enc, dict) else {}
+    result["encoder_random_weights"] = bool(enc.get("random_weights"))
+    # the probe runs in the store's own space: say whose (family, layer) the accuracies are
+    result["encoder"] = {"name": enc.get("name"), "family": enc.get("family", "dinov2"), "layer": enc.get("layer", 0)}
     result["wall_seconds"] = round(time.perf_counter() - t0, 3)
     out = Path(paths.metrics) / "probe.json"
     write_metrics(out, result)

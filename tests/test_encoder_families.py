@@ -183,3 +183,40 @@ def test_fd_dinov2_of_a_siglip_store_comes_from_the_reference_encoder(siglip_sto
     assert np.allclose(feats[:, 32:], scorer.reference, atol=2e-3)  # the store holds float16
     out = scorer.score(feats)
     assert abs(out["fd_dinov2"]) < 1e-3 and abs(out["fd_encoder"]) < 1e-2
+
+
+def test_fae_families_follow_the_encoder_width():
+    from fae_pipe.models.registry import fae_families_for, model_kwargs
+    from fae_pipe.stages.train_fae import build_module
+
+    for family, width in (("fae_siglip2_so400m", 1152), ("fae_dinov3_l", 1024)):
+        enc, fdec = model_kwargs(f"{family}.encoder"), model_kwargs(f"{family}.feature_decoder")
+        assert enc["in_dim"] == fdec["out_dim"] == model_kwargs(f"{family}.pixel_decoder")["in_dim"] == width
+        assert fdec["learned_pos_grid"] == 16 and family in fae_families_for(width)
+    with pytest.raises(UserError, match="pick the family of the encoder: fae_siglip2_so400m"):
+        build_module("fae_tiny", 1152, (8, 8))
+
+
+def test_original_format_checkpoints_load_and_the_position_table_is_resized(tmp_path):
+    """Meta's own key names (DINOv3: storage_tokens, ls1.gamma, rope periods; DINOv2: register_tokens,
+    mask_token, a position table with the cls slot) go through timm's converters."""
+    args = dict(device="cpu", precision="fp32", model_args=TINY_ARGS)
+    d3 = build_encoder("vit_small_patch16_dinov3", "random", 32, **args)
+    meta = {k.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma"):
+            v.clone() for k, v in d3.model.state_dict().items()}
+    meta.update({"mask_token": torch.zeros(1, 32), "rope_embed.periods": torch.ones(4)})
+    save_file(meta, str(tmp_path / "dinov3_meta.safetensors"))
+    loaded = build_encoder("vit_small_patch16_dinov3", str(tmp_path / "dinov3_meta.safetensors"), 32, **args)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded.encode(x)[0], d3.encode(x)[0])
+
+    d2 = build_encoder("vit_small_patch14_reg4_dinov2", "random", 56, **args)
+    meta = {k.replace("reg_token", "register_tokens"): v.clone() for k, v in d2.model.state_dict().items()}
+    meta["pos_embed"] = torch.cat([torch.zeros(1, 1, 32), meta["pos_embed"]], 1)  # Meta keeps a cls position
+    meta["mask_token"] = torch.zeros(1, 32)
+    path = str(tmp_path / "dinov2_meta.safetensors")
+    save_file(meta, path)
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(build_encoder("vit_small_patch14_reg4_dinov2", path, 56, **args).encode(x)[0], d2.encode(x)[0])
+    small = build_encoder("vit_small_patch14_reg4_dinov2", path, 28, **args)  # 4x4 table -> 2x2
+    assert small.model.pos_embed.shape == (1, 4, 32) and small.encode(x[:, :, :28, :28])[0].shape == (2, 4, 32)

@@ -177,6 +177,12 @@ def fae_parts(family: str) -> dict[str, str]:
     return names
 
 
+def fae_families_for(width: int) -> list[str]:
+    """FAE families whose encoder reads ``width``-wide tokens (to name the right one in an error)."""
+    return sorted(n.split(".")[0] for n, spec in REGISTRY.items()
+                  if spec.kind == "fae_encoder" and spec.kwargs.get("in_dim") == width)
+
+
 def model_kwargs(name: str, **overrides) -> dict:
     """The full kwargs ``create_model(name, **overrides)`` would pass, after validation."""
     if name not in REGISTRY:
