@@ -54,7 +54,8 @@ def rehearse(samples: int, work: Path, fae_steps: int = FAE_STEPS, sit_steps: in
     classes, per_class = steps.layout(samples)
     n = classes * per_class
     work.mkdir(parents=True, exist_ok=True)
-    (work / "params.yaml").write_text(yaml.safe_dump(steps.rehearsal_config(n, fae_steps, sit_steps, workers), sort_keys=False))
+    config = steps.rehearsal_config(n, fae_steps, sit_steps, workers)
+    (work / "params.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     shards = steps.num_shards(n)
     rows: list[steps.Measured] = []
     head = {"samples": n, "classes": classes, "per_class": per_class, "shards": shards, "dask_workers": workers}
@@ -79,9 +80,9 @@ def rehearse(samples: int, work: Path, fae_steps: int = FAE_STEPS, sit_steps: in
     stage("prepare", "prepare")
     features = work / "cache" / "features.zarr"
     half = max(1, shards // 2)
-    stage("extract (killed)", "extract", kill_when=lambda: steps.records_done(features) >= half)
-    killed_at = steps.records_done(features)
-    missing = sorted(set(range(shards)) - _recorded(features))
+    stage("extract (killed)", "extract", kill_when=lambda: len(steps.recorded_shards(features)) >= half)
+    recorded = steps.recorded_shards(features)
+    missing = sorted(set(range(shards)) - recorded)
     stage("extract (resume)", "extract")
     stage("verify features", "verify", "cache/features.zarr")
     stage("train-fae", "train-fae")
@@ -98,19 +99,10 @@ def rehearse(samples: int, work: Path, fae_steps: int = FAE_STEPS, sit_steps: in
 
     t0 = time.perf_counter()
     checks = check_invariants(work, n, missing[:RECHECK_SHARDS], rows)
-    checks["killed_with_records"] = killed_at
+    checks["killed_with_records"] = len(recorded)
     checks["seconds"] = round(time.perf_counter() - t0, 2)
-    return {**head, "disk_mb": round(_du(work) / 2**20, 1), "stages": [r.to_dict() for r in rows], "checks": checks,
+    return {**head, "disk_mb": round(steps.tree_bytes(work) / 2**20, 1), "stages": [r.to_dict() for r in rows], "checks": checks,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-
-
-def _recorded(store: Path) -> set[int]:
-    done = store / ".fae" / "done"
-    return {int(p.stem.split("-")[1]) for p in done.glob("shard-*.json")} if done.is_dir() else set()
-
-
-def _du(top: Path) -> int:
-    return sum(p.stat().st_size for p in top.rglob("*") if p.is_file())
 
 
 def check_invariants(work: Path, n: int, recheck: list[int], rows: list) -> dict:

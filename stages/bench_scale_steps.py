@@ -137,9 +137,8 @@ def dvc_yaml() -> dict:
     return {"stages": stages}
 
 
-def count_files(top: Path, skip: tuple[str, ...] = ("data", "phases", "logs")) -> int:
-    """Files under ``top`` except the image folder and the bench's own logs."""
-    total = 0
+def _walk(top: Path, skip: tuple[str, ...]):
+    """Every file's ``os.DirEntry`` under ``top``, leaving out ``skip`` directories directly under it."""
     stack = [top]
     while stack:
         with os.scandir(stack.pop()) as it:
@@ -148,8 +147,17 @@ def count_files(top: Path, skip: tuple[str, ...] = ("data", "phases", "logs")) -
                     if not (e.name in skip and Path(e.path).parent == top):
                         stack.append(Path(e.path))
                 else:
-                    total += 1
-    return total
+                    yield e
+
+
+def count_files(top: Path, skip: tuple[str, ...] = ("data", "phases", "logs")) -> int:
+    """Files under ``top`` except the image folder and the bench's own logs."""
+    return sum(1 for _ in _walk(top, skip))
+
+
+def tree_bytes(top: Path) -> int:
+    """Bytes of every file under ``top`` (images included)."""
+    return sum(e.stat(follow_symlinks=False).st_size for e in _walk(top, ()))
 
 
 @dataclass
@@ -272,13 +280,13 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def records_done(store: Path) -> int:
-    """Completion records written so far (``<store>/.fae/done/*.json``)."""
+def recorded_shards(store: Path) -> set[int]:
+    """Shards with a completion record so far (``<store>/.fae/done/shard-NNNNN.json``)."""
     try:
         with os.scandir(store / ".fae" / "done") as it:
-            return sum(1 for e in it if e.name.endswith(".json"))
+            return {int(e.name[6:-5]) for e in it if e.name.startswith("shard-") and e.name.endswith(".json")}
     except FileNotFoundError:
-        return 0
+        return set()
 
 
 def write_json(path: Path, payload) -> None:
