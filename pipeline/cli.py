@@ -94,14 +94,17 @@ COMMANDS: dict[str, Stage] = {
 BENCHES: dict[str, Stage] = {
     "extract": Stage("bench_extract", ["extract", "image_encoder", "data", "paths"],
                      "Images/s: bare encoder vs full extract path vs naive per-image .npy extractor."),
-    "loader": Stage("bench_loader", ["sit", "paths"],
+    "loader": Stage("bench_loader", ["sit", "paths", "storage"],
                     "Samples/s: latent (or feature) loader vs in-RAM array vs one .npy file per sample.",
                     (click.Option(["--synthetic"], default=None, metavar="NxCxHxW",
                                   help="bench a temporary store of N random samples (2 views) shaped CxHxW "
                                        "instead of paths.latents, e.g. 16384x32x16x16 for the paper's latents"),
                      click.Option(["--features"], is_flag=True, default=False,
                                   help="bench the feature store (paths.features, or with --synthetic C channels "
-                                       "on an HxW token grid) and FeatureBatches, with REPA targets too"))),
+                                       "on an HxW token grid) and FeatureBatches, with REPA targets too"),
+                     click.Option(["--object-store"], default=None, metavar="URL",
+                                  help="also bench the store copied to a prefix of this URL (s3://bucket/prefix, "
+                                       "storage.options) against local disk, side by side"))),
     "train-step": Stage("bench_train_step", ["sit", "image_encoder", "fae", "data", "paths", ATTENTION],
                         "SiT steps/s on cached latents vs the online encoder path, with the FLOP-expected ratio; "
                         "with sit.repa_weight > 0 also SiT + REPA, targets from paths.features vs DINOv2 online.",
@@ -194,9 +197,11 @@ class StageCommand(click.Command):
                     raise UserError(f"{param.opts[0]} and --set {param.key}=... both set {param.key}: give one")
                 overrides[param.key] = value
         cfg = C.load_config(config_file, overrides)
+        from fae_pipe.cache.location import configure as configure_storage
         from fae_pipe.threads import configure_threads
 
         configure_threads(cfg.runtime.threads)
+        configure_storage(cfg.storage.options, cfg.storage.lease_seconds)  # URL stores: s3://, gs://...
         module = importlib.import_module(f"fae_pipe.stages.{self.stage.module}")
         module.run(cfg, **flags)
 
@@ -271,12 +276,23 @@ def bench():
     """Benchmarks that print ratios measured side by side in one run (not timed tests)."""
 
 
+def storage_for(path) -> None:
+    """A store URL given to inspect/verify/feature-stats is opened with ``storage.options`` of the
+    default config (``params.yaml`` when present); local paths need no config."""
+    from fae_pipe.cache.location import configure, is_url
+
+    if is_url(path):
+        cfg = C.load_config(None)
+        configure(cfg.storage.options, cfg.storage.lease_seconds)
+
+
 @cli.command("inspect")
 @click.argument("path", type=click.Path())
 def inspect_cmd(path):
     """Print a store's schema, attrs, completeness and per-array shapes/dtypes/chunks/shards."""
     from fae_pipe.cache.inspect import inspect_store
 
+    storage_for(path)
     click.echo(inspect_store(path))
 
 
@@ -289,6 +305,7 @@ def verify_cmd(path, index_path):
     from fae_pipe.cache.inspect import verify_store
     from fae_pipe.data.index import read_index
 
+    storage_for(path)
     defects = verify_store(path, index_path, read_index=read_index)
     for line in defects:
         click.echo(f"DEFECT {line}")
@@ -306,6 +323,7 @@ def feature_stats_cmd(path, per_position):
     """Compute a feature store's exact statistics (float64, valid samples, all views) into the store."""
     from fae_pipe.cache.feature_stats import compute_feature_stats
 
+    storage_for(path)
     stats = compute_feature_stats(path, per_position)
     where = "attrs channel_mean/channel_std" + (" + arrays position_mean/position_std" if per_position else "")
     click.echo(f"feature-stats: {path}: {stats.channels} channels over {stats.count} values each -> {where}")

@@ -26,7 +26,7 @@ DEFAULT_CONFIG = "params.yaml"
 def F(default, help: str, *, choices=None, min=None, max=None):  # noqa: A002 - mirrors click
     """A config field with its help text and constraints stored as metadata."""
     meta = {"help": help, "choices": choices, "min": min, "max": max}
-    if isinstance(default, list):
+    if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
     return field(default=default, metadata=meta)
 
@@ -243,6 +243,16 @@ class Runtime:
 
 
 @dataclass
+class Storage:
+    """Stores on object storage (any ``paths.features`` / ``paths.latents`` given as a URL: ``fae_pipe.cache.location``)."""
+
+    options: dict = F({}, "fsspec storage options per protocol, e.g. {s3: {endpoint_url: 'http://minio:9000'}}; "
+                      "the provider's environment variables (AWS_*, GOOGLE_APPLICATION_CREDENTIALS) apply too")
+    lease_seconds: float = F(60.0, "object-store writer lock: lease renewed every third of it; a dead holder's "
+                             "lock is taken over once it expires", min=3.0)
+
+
+@dataclass
 class Sample:
     method: str = F("euler", "sampler", choices=["euler", "heun", "dopri5", "sde"])
     steps: int = F(250, "sampler steps", min=1)
@@ -294,6 +304,7 @@ class Config:
     evaluate: Evaluate = field(default_factory=Evaluate)
     probe: Probe = field(default_factory=Probe)
     runtime: Runtime = field(default_factory=Runtime)
+    storage: Storage = field(default_factory=Storage)
     flow: Flow = field(default_factory=Flow)
     generator: str = field(default="sit", metadata={
         "top": True, "help": "the generator train/sample/evaluate run on the latents: sit (diffusion, sit.*) or "
@@ -363,7 +374,8 @@ def renamed(key: str) -> str | None:
 
 
 def _type_name(tp) -> str:
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list"}[tp]
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list",
+            dict: "a mapping"}[tp]
 
 
 def coerce(key: str, value: Any, f: dataclasses.Field, where: str, owner) -> Any:
@@ -411,6 +423,14 @@ def coerce(key: str, value: Any, f: dataclasses.Field, where: str, owner) -> Any
                 raise bad("a list like [a, b] or a,b") from None
         if not isinstance(value, list):
             raise bad(_type_name(list))
+    elif tp is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                raise bad("a mapping like {s3: {anon: true}}") from None
+        if not isinstance(value, dict):
+            raise bad(_type_name(dict))
     choices = meta.get("choices")
     if choices is not None and "fp32" in choices and value in ("no", False):
         value = "fp32"  # accelerate's spelling; YAML 1.1 also reads a bare `no` as false
@@ -476,11 +496,20 @@ def _flatten(prefix: str, values: Any, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in values.items():
         key = f"{prefix}.{name}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not _is_mapping_key(key):
             out.update(_flatten(key, value, where))
         else:
             out[key] = value
     return out
+
+
+def _is_mapping_key(key: str) -> bool:
+    """True when ``key`` is a leaf whose value is itself a mapping (``storage.options``)."""
+    try:
+        owner, f = _resolve(key, "")
+    except UserError:
+        return False
+    return typing.get_type_hints(owner)[f.name] is dict
 
 
 def parse_sets(items) -> dict[str, str]:

@@ -26,6 +26,13 @@ the page cache; a store larger than RAM is read from disk each epoch and is boun
 by the disk instead. Targets (issue 4): loader >= 0.5x the in-RAM array and >= 5x
 per-sample files, in both modes. Results also go to ``<metrics>/bench_loader.json``
 (``bench_loader_features.json`` with ``--features``).
+
+``--object-store URL`` (issue 17) copies the benched store to a fresh prefix under URL
+(``s3://bucket/prefix``, opened with ``storage.options``) and measures the same loader
+from there in the same rounds: streaming (whole shard objects fetched ahead on
+``shard_reader``'s thread pool while the current window is served) and in RAM (every
+shard fetched once, GETs in flight); it prints samples/s from the bucket against the
+local store (page-cache warm, memory-mapped) and removes the copy afterwards.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ import numpy as np
 import torch
 
 from fae_pipe.cache import schema
+from fae_pipe.cache.location import StoreLocation, is_url
+from fae_pipe.cache.shard_reader import ShardReader
 from fae_pipe.cache.synthetic import write_random_feature_store, write_random_latent_store
 from fae_pipe.data.features import FeatureBatches
 from fae_pipe.data.latents import LatentBatches
@@ -117,10 +126,14 @@ def parse_synthetic(spec: str) -> tuple[int, int, int, int]:
 
 
 def run(cfg, synthetic: str | None = None, features: bool = False, min_samples: int = MIN_SAMPLES,
-        repeats: int = REPEATS) -> dict:
+        repeats: int = REPEATS, object_store: str | None = None) -> dict:
     """Measure, print, write the metrics JSON; smaller ``min_samples``/``repeats`` give a quick run."""
+    if object_store is not None and not is_url(object_store):
+        raise UserError(f"--object-store {object_store!r} is invalid: expected a URL prefix such as "
+                        "s3://bucket/prefix (opened with storage.options)")
     if synthetic is None:
-        return _run(cfg, Path(cfg.paths.features if features else cfg.paths.latents), features, min_samples, repeats)
+        return _run(cfg, Path(cfg.paths.features if features else cfg.paths.latents), features, min_samples, repeats,
+                    object_store)
     n, c, h, w = parse_synthetic(synthetic)
     with tempfile.TemporaryDirectory(prefix="bench-loader-store-") as tmp:
         x = cfg.extract  # encode keeps the feature store's shard layout
@@ -130,7 +143,40 @@ def run(cfg, synthetic: str | None = None, features: bool = False, min_samples: 
         else:
             path = write_random_latent_store(Path(tmp) / "latents.zarr", (n, 2, c, h, w), x.shard_samples,
                                              x.chunk_samples)
-        return _run(cfg, path, features, min_samples, repeats)
+        return _run(cfg, path, features, min_samples, repeats, object_store)
+
+
+def _copy_to(path: Path, prefix: str) -> str:
+    """Upload the store at ``path`` to a fresh ``prefix/bench-<uuid>/<name>``; returns its URL."""
+    import uuid
+
+    url = f"{prefix.rstrip('/')}/bench-{uuid.uuid4().hex[:8]}/{path.name}"
+    loc = StoreLocation(url)
+    start = time.perf_counter()
+    loc.fs.put(str(path), loc.path(), recursive=True)
+    print(f"bench loader: copied the store to {url} in {time.perf_counter() - start:.1f} s", flush=True)
+    return url
+
+
+def _gets_runner(url: str, name: str, total: int):
+    """Samples/s of fetching whole shard objects with the readers' thread pool and nothing else: the rate
+    this server and network allow, which a streaming loader can at best reach."""
+    from fae_pipe.cache.shard_reader import PREFETCH_THREADS
+
+    group = schema.open_group(url)
+    reader = ShardReader(group[name])
+    shards = schema.store_num_shards(group)
+    rounds = max(1, -(-total // reader.num_samples))
+
+    def measure() -> float:
+        from concurrent.futures import ThreadPoolExecutor
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(PREFETCH_THREADS) as pool:
+            sizes = list(pool.map(lambda s: len(reader.fetch_object(s)), [s for _ in range(rounds) for s in range(shards)]))
+        assert all(sizes)
+        return rounds * reader.num_samples / (time.perf_counter() - start)
+    return measure
 
 
 def _candidates(path: Path, features: bool, batch: int, s) -> dict:
@@ -152,7 +198,7 @@ def _candidates(path: Path, features: bool, batch: int, s) -> dict:
     return out
 
 
-def _run(cfg, path: Path, features: bool, min_samples: int, repeats: int) -> dict:
+def _run(cfg, path: Path, features: bool, min_samples: int, repeats: int, object_store: str | None = None) -> dict:
     s = cfg.sit.train
     group = schema.open_group(path)
     if features:
@@ -184,6 +230,18 @@ def _run(cfg, path: Path, features: bool, min_samples: int, repeats: int) -> dic
         for key, (label, make) in _candidates(path, features, batch, s).items():
             runners[key], modes[key] = _loader_runner(make, total)
             labels[key] = label
+        remote = _copy_to(path, object_store) if object_store else None
+        if remote is not None:
+            stack.callback(lambda: StoreLocation(remote).fs.rm(StoreLocation(remote).path(), recursive=True))
+            name = schema.FEATURES if features else schema.LATENTS
+            for mode, budget in (("in_ram", 1 << 62), ("streaming", 0)):
+                key = f"object_store_{mode}"
+                runners[key], modes[key] = _loader_runner(lambda b=budget: ShardedLoader(
+                    remote, [name], batch, s.seed, memory_budget_bytes=b, shuffle_buffer=s.shuffle_buffer,
+                    random_view=True), total)
+                labels[key] = "ShardedLoader from the object store"
+            runners["object_store_gets"] = _gets_runner(remote, name, total)
+            labels["object_store_gets"] = "whole-shard GETs, all threads (the bucket's limit)"
         results = _best(runners, repeats)
 
     limit, files_rate = results["numpy_in_ram"], results["npy_per_sample"]
@@ -201,6 +259,19 @@ def _run(cfg, path: Path, features: bool, min_samples: int, repeats: int) -> dic
               f"{vs_files:.1f}x per-sample files (target >= 5x): {'met' if verdicts[key] else 'NOT met'}", flush=True)
     summary = {"samples_per_s": {k: round(v, 1) for k, v in results.items()}, "batch": batch, "num_samples": n,
                "configured_mode": configured, "targets_met": verdicts}
+    if object_store:
+        summary["object_store_vs_local"] = {}
+        for mode in ("in_ram", "streaming"):
+            ratio = results[f"object_store_{mode}"] / results[f"loader_{mode}"]
+            summary["object_store_vs_local"][mode] = round(ratio, 3)
+            print(f"bench loader: object store, {mode.replace('_', ' ')}: {results[f'object_store_{mode}']:,.0f} vs "
+                  f"{results[f'loader_{mode}']:,.0f} samples/s from local disk = {ratio:.2f}x "
+                  f"({modes[f'object_store_{mode}'].split('; ')[1]} vs {modes[f'loader_{mode}'].split('; ')[1]})",
+                  flush=True)
+        gets = results["object_store_gets"]
+        summary["object_store_streaming_vs_gets"] = round(results["object_store_streaming"] / gets, 3)
+        print(f"bench loader: object store, streaming: {results['object_store_streaming'] / gets:.2f}x the bare "
+              f"whole-shard GETs ({gets:,.0f} samples/s: the server's and network's limit)", flush=True)
     name = "bench_loader_features.json" if features else "bench_loader.json"
     write_metrics(Path(cfg.paths.metrics) / name, summary)
     return summary

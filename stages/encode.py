@@ -23,6 +23,7 @@ from fae_pipe.artifacts import file_fingerprint, read_export_meta
 from fae_pipe.cache import schema
 from fae_pipe.cache.bookkeeping import StoreLock
 from fae_pipe.cache.latent_stats import merge_moments
+from fae_pipe.cache.location import StoreLocation
 from fae_pipe.cache.shards import ShardPlan, run_shards
 from fae_pipe.cache.store_writer import finalize, mark_incomplete, open_or_create
 from fae_pipe.config import Config
@@ -55,9 +56,7 @@ def existing_hash(path) -> str | None:
 
 def store_bytes(path) -> int:
     """Bytes of a store's data files (its bookkeeping directory excluded)."""
-    root = Path(path)
-    return sum(p.stat().st_size for p in root.rglob("*")
-               if p.is_file() and schema.BOOKKEEPING_DIR not in p.relative_to(root).parts)
+    return StoreLocation.of(path).data_bytes(skip=schema.BOOKKEEPING_DIR)
 
 
 def run(cfg: Config, overwrite: bool = False) -> None:
@@ -75,7 +74,7 @@ def run(cfg: Config, overwrite: bool = False) -> None:
     n, views = source[schema.FEATURES].shape[:2]
     shard_samples = int(source.attrs[schema.A_SHARD_SAMPLES])
     chunk_samples = int(source.attrs[schema.A_CHUNK_SAMPLES])
-    src = {"path": str(Path(cfg.paths.features).resolve()), "config_hash": source.attrs.get(schema.A_CONFIG_HASH)}
+    src = {"path": StoreLocation.of(cfg.paths.features).canonical(), "config_hash": source.attrs.get(schema.A_CONFIG_HASH)}
 
     def store_hash(fae_fp: str) -> str:
         return hashlib.sha256(json.dumps({

@@ -21,6 +21,7 @@ import torch
 
 from fae_pipe.artifacts import file_fingerprint
 from fae_pipe.cache import schema
+from fae_pipe.cache.location import StoreLocation
 from fae_pipe.config import Config
 from fae_pipe.data.index import read_index
 from fae_pipe.data.sharded import ShardedLoader
@@ -39,7 +40,7 @@ from fae_pipe.fae.evaluation import evaluate_decoder, load_eval_set
 from fae_pipe.fae.objectives import DecoderObjective, noise_features
 from fae_pipe.metrics.image import build_lpips
 from fae_pipe.models.layers import set_attention_backend
-from fae_pipe.models.registry import create_model, fae_families_for, fae_parts
+from fae_pipe.models.registry import create_model, fae_parts
 from fae_pipe.training.trainer import Trainer, adamw
 
 STAGE = "train-decoder"
@@ -52,8 +53,7 @@ def build_decoder(cfg: Config, dim: int, grid, image_size: int):
     if pdec.in_dim != dim or (pdec.grid_size, pdec.grid_size) != tuple(grid):
         raise UserError(f"config error: fae.model = {cfg.fae.model!r} is invalid for this feature store: its pixel "
                         f"decoder takes {pdec.grid_size}x{pdec.grid_size}x{pdec.in_dim} features, the store holds "
-                        f"{grid[0]}x{grid[1]}x{dim} (families for {dim}-d: "
-                        f"{', '.join(fae_families_for(dim)) or 'none registered'})")
+                        f"{grid[0]}x{grid[1]}x{dim}")
     if pdec.image_size != image_size:
         raise UserError(f"config error: fae.model = {cfg.fae.model!r} is invalid: its pixel decoder outputs "
                         f"{pdec.image_size} px, the features were extracted from {image_size} px crops")
@@ -107,7 +107,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     dim = int(group[schema.FEATURES].shape[-1])
     image_size = int(group.attrs.get(schema.A_IMAGE_SIZE, cfg.data.image_size))
     view_names = list(group.attrs.get(schema.A_VIEWS, cfg.data.views))
-    source = {"path": str(Path(cfg.paths.features).resolve()), "config_hash": group.attrs.get(schema.A_CONFIG_HASH)}
+    source = {"path": StoreLocation.of(cfg.paths.features).canonical(), "config_hash": group.attrs.get(schema.A_CONFIG_HASH)}
     index = read_index(cfg.paths.index)
     split = feature_split(group, cfg.paths.index, cfg.paths.features)
     loader = ShardedLoader(cfg.paths.features, [schema.FEATURES], run.micro_batch, t.seed, rank=run.rank,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fae_pipe.cache import schema
+from fae_pipe.cache.location import StoreLocation
 from fae_pipe.config import Config
 from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
@@ -25,7 +26,7 @@ from fae_pipe.fae.evaluation import feature_metrics
 from fae_pipe.fae.objectives import feature_loss
 from fae_pipe.models.fae_encoder import DiagonalGaussian
 from fae_pipe.models.layers import set_attention_backend
-from fae_pipe.models.registry import create_model, fae_families_for, fae_parts
+from fae_pipe.models.registry import create_model, fae_parts
 from fae_pipe.training.trainer import Trainer
 
 STAGE = "train-fae"
@@ -39,8 +40,7 @@ def build_module(family: str, dim: int, grid) -> tuple[FeatureAutoencoderModule,
     fdec = create_model(names["feature_decoder"])
     if encoder.in_dim != dim or fdec.out_dim != dim:
         raise UserError(f"config error: fae.model = {family!r} is invalid for this feature store: it expects "
-                        f"{encoder.in_dim}-d features, the store holds {dim}-d ones; pick the family of the encoder: "
-                        f"{', '.join(fae_families_for(dim)) or f'none is registered for {dim}-d (docs/encoders.md)'}")
+                        f"{encoder.in_dim}-d features, the store holds {dim}-d ones; pick the family of the encoder")
     pos = fdec.learned_pos_grid
     if pos is not None and tuple(grid) != (pos, pos):
         raise UserError(f"config error: fae.model = {family!r} is invalid for this feature store: its feature "
@@ -72,7 +72,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
     group = open_feature_store(cfg.paths.features)
     grid = [int(g) for g in group.attrs[schema.A_GRID]]
     dim = int(group[schema.FEATURES].shape[-1])
-    source = {"path": str(Path(cfg.paths.features).resolve()), "config_hash": group.attrs.get(schema.A_CONFIG_HASH)}
+    source = {"path": StoreLocation.of(cfg.paths.features).canonical(), "config_hash": group.attrs.get(schema.A_CONFIG_HASH)}
     split = feature_split(group, cfg.paths.index, cfg.paths.features)
     held = read_rows(group, schema.FEATURES, split.holdout_rows(EVAL_SAMPLES))
     loader = ShardedLoader(cfg.paths.features, [schema.FEATURES], run.micro_batch, t.seed, rank=run.rank,

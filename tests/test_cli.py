@@ -167,9 +167,10 @@ def test_set_and_daily_flags_reach_the_stage(cwd, stub):
 
     main(["bench", "loader", "--synthetic", "40x4x2x2", "--set", "paths.metrics=m"])
     module, cfg, flags = stub.pop()
-    assert module == "bench_loader" and flags == {"synthetic": "40x4x2x2", "features": False} and cfg.paths.metrics == "m"
-    main(["bench", "loader", "--features"])
-    assert stub.pop()[2] == {"synthetic": None, "features": True}
+    assert module == "bench_loader" and flags == {"synthetic": "40x4x2x2", "features": False, "object_store": None}
+    assert cfg.paths.metrics == "m"
+    main(["bench", "loader", "--features", "--object-store", "s3://b/p"])
+    assert stub.pop()[2] == {"synthetic": None, "features": True, "object_store": "s3://b/p"}
     main(["bench", "train-step", "--synthetic", "5"])
     assert stub.pop()[2] == {"synthetic": 5}
     main(["sample", "--set", "sample.classes=[1,2]"])

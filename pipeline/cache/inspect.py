@@ -19,7 +19,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from fae_pipe.cache import schema
-from fae_pipe.cache.bookkeeping import read_record
+from fae_pipe.cache.bookkeeping import read_records
+from fae_pipe.cache.location import StoreLocation
 from fae_pipe.errors import UserError
 
 
@@ -64,9 +65,11 @@ def inspect_store(path) -> str:
     attrs = dict(group.attrs)
     shards = schema.store_num_shards(group)
     config_hash = attrs.get(schema.A_CONFIG_HASH)
-    done = sum(1 for i in range(shards) if (read_record(path, i) or {}).get("config_hash") == config_hash)
+    records = read_records(path, range(shards))
+    done = sum(1 for i in range(shards) if (records[i] or {}).get("config_hash") == config_hash)
+    loc = StoreLocation.of(path)
     lines = [
-        f"store: {Path(path).resolve()}",
+        f"store: {loc.canonical()}",
         f"kind: {kind}  schema_version: {attrs.get(schema.A_SCHEMA_VERSION)}  "
         f"created_with: {attrs.get(schema.A_CREATED_WITH)}",
         f"complete: {bool(attrs.get(schema.A_COMPLETE))}  ({done} of {shards} shards have completion records)",
@@ -84,8 +87,7 @@ def inspect_store(path) -> str:
         lines.append(f"  {name}: shape {tuple(arr.shape)} {arr.dtype} chunks {tuple(arr.chunks)} "
                      f"shards {tuple(arr.shards or arr.chunks)} dims {tuple(arr.metadata.dimension_names or ())} "
                      f"compressors {_codecs(arr)}")
-    data_bytes = sum(p.stat().st_size for p in Path(path).rglob("*")
-                     if p.is_file() and schema.BOOKKEEPING_DIR not in p.relative_to(path).parts)
+    data_bytes = loc.data_bytes(skip=schema.BOOKKEEPING_DIR)
     n = int(attrs[schema.A_NUM_SAMPLES])
     lines.append(f"stored: {data_bytes / 2**20:.2f} MiB ({data_bytes / max(1, n):.0f} bytes/sample), "
                  f"failures recorded: {len(attrs.get(schema.A_FAILURES, []))}")
@@ -101,7 +103,8 @@ def _load_index(path, attrs, index_path, read_index: Callable[[str], SampleIndex
     where = index_path or attrs.get(schema.A_INDEX_PATH)
     if not where:
         return None, "index: no index_path in attrs; labels and sample_ids not checked (pass --index)"
-    if not index_path and not Path(where).is_absolute() and not Path(where).exists():
+    if not index_path and not Path(where).is_absolute() and not Path(where).exists() \
+            and StoreLocation.of(path).is_local:
         # the recorded path is relative to the project that wrote the store: try its ancestors
         for root in Path(path).resolve().parents:
             if (root / where).is_file():
@@ -118,20 +121,21 @@ def _load_index(path, attrs, index_path, read_index: Callable[[str], SampleIndex
     return index, None
 
 
-def _check_shard(path, group, i: int, start: int, stop: int, config_hash, index, failed: set | None) -> list[str]:
-    """Defects of one storage shard; ``failed`` is the store's failed samples (None: use the record)."""
+def _check_shard(path, group, i: int, start: int, stop: int, config_hash, index, failed: set | None,
+                 rec: dict | None) -> list[str]:
+    """Defects of one storage shard; ``failed`` is the store's failed samples (None: use the record ``rec``)."""
     where = f"shard {i} (samples {start}..{stop - 1})"
     out = []
-    rec = read_record(path, i)
     if rec is None:
         out.append(f"{where}: no completion record ({Path('.fae/done') / f'shard-{i:05d}.json'})")
     elif rec.get("config_hash") != config_hash or (rec.get("start"), rec.get("stop")) != (start, stop):
         out.append(f"{where}: completion record does not match the store (config_hash or sample range)")
         rec = None
     names = schema.sample_array_names(group)
-    missing = [n for n in names if not schema.shard_file(path, group, n, i).is_file()]
+    loc = StoreLocation.of(path)
+    missing = [n for n in names if not loc.exists(schema.shard_key(group, n, i))]
     if missing:
-        return out + [f"{where}: shard file missing for {name} ({schema.shard_file(path, group, name, i)})"
+        return out + [f"{where}: shard file missing for {name} ({loc.child(schema.shard_key(group, name, i))})"
                       for name in missing]
     try:
         data = {name: group[name][start:stop] for name in names}
@@ -199,10 +203,11 @@ def verify_store(path, index_path=None, *, read_index: Callable[[str], SampleInd
     # a finished store's attrs list every failed sample (latent stores inherit it from their source)
     failed = {int(f["sample"]) for f in attrs.get(schema.A_FAILURES, [])} if complete else None
     recorded = []
+    records = read_records(path, range(schema.num_shards(n, size)))
     for i in range(schema.num_shards(n, size)):
         start, stop = schema.shard_bounds(n, size, i)
-        defects.extend(_check_shard(path, group, i, start, stop, config_hash, index, failed))
-        recorded.extend((read_record(path, i) or {}).get("failures", []))
+        defects.extend(_check_shard(path, group, i, start, stop, config_hash, index, failed, records[i]))
+        recorded.extend((records[i] or {}).get("failures", []))
     if kind == schema.KIND_FEATURES and complete and attrs.get(schema.A_FAILURES, []) != recorded:
         defects.append("attrs: failures list differs from the shards' completion records")
     if kind == schema.KIND_LATENTS:

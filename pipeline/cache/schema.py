@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from fae_pipe.cache.location import StoreLocation
 from fae_pipe.cache.shard_reader import ShardReader, damaged, store_read_error  # noqa: F401 (re-exported)
 from fae_pipe.errors import UserError
 
@@ -141,8 +142,14 @@ def effective_chunk_samples(chunk_samples: int, shard_samples: int) -> int:
     return chunk
 
 
-def _clear_except_bookkeeping(path: Path) -> None:
+def _clear_except_bookkeeping(path) -> None:
     """Remove a store's zarr content but keep ``.fae`` (it holds the writer's lock)."""
+    loc = StoreLocation.of(path)
+    if not loc.is_local:
+        for name in loc.top_level():
+            loc.remove(f"{BOOKKEEPING_DIR}/done" if name == BOOKKEEPING_DIR else name, recursive=True)
+        return
+    path = loc.local
     if not path.exists():
         return
     for child in path.iterdir():
@@ -159,16 +166,17 @@ def _clear_except_bookkeeping(path: Path) -> None:
 
 def _create_store(path, kind: str, sample_shapes: dict[str, tuple[int, ...]], n: int,
                   shard_samples: int, chunk_samples: int, attrs: dict) -> zarr.Group:
-    path = Path(path)
+    loc = StoreLocation.of(path)
     if n < 1:
-        raise UserError(f"cannot create store {path}: the dataset has no samples")
+        raise UserError(f"cannot create store {loc}: the dataset has no samples")
     chunk = effective_chunk_samples(chunk_samples, shard_samples)
-    _clear_except_bookkeeping(path)
-    path.mkdir(parents=True, exist_ok=True)
+    _clear_except_bookkeeping(loc)
+    if loc.is_local:
+        loc.local.mkdir(parents=True, exist_ok=True)
     meta = dict(attrs)
     meta.update({A_SCHEMA_VERSION: SCHEMA_VERSION, A_KIND: kind, A_NUM_SAMPLES: n,
                  A_SHARD_SAMPLES: shard_samples, A_CHUNK_SAMPLES: chunk, A_COMPLETE: False})
-    group = zarr.create_group(str(path), attributes=meta)
+    group = zarr.create_group(loc.zarr_store(), attributes=meta)
     for name, rest in sample_shapes.items():
         group.create_array(
             name, shape=(n, *rest), dtype=DTYPES[name],
@@ -178,7 +186,7 @@ def _create_store(path, kind: str, sample_shapes: dict[str, tuple[int, ...]], n:
             # every shard gets a file, even an all-zero one, so a missing file is a defect
             config={"write_empty_chunks": True},
         )
-    return consolidate(path)
+    return consolidate(loc)
 
 
 def consolidate(path) -> zarr.Group:
@@ -193,7 +201,7 @@ def consolidate(path) -> zarr.Group:
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         warnings.filterwarnings("ignore", message=f"Object at {BOOKKEEPING_DIR} is not recognized",
                                 category=UserWarning)
-        return zarr.consolidate_metadata(str(path))
+        return zarr.consolidate_metadata(StoreLocation.of(path).zarr_store())
 
 
 def create_feature_store(path, n: int, views: int, tokens: int, dim: int, grid, shard_samples: int,
@@ -223,18 +231,25 @@ def open_group(path, mode: str = "r", what: str = "a zarr v3 store",
     The one place the package opens existing groups, so every reader reports a missing
     or malformed store the same way. ``what``/``hint`` word the missing-store message.
     """
-    p = Path(path)
-    if not (p / "zarr.json").is_file():
+    p = StoreLocation.of(path)  # a local path or a URL (s3://, gs://...): ``cache.location``
+    try:
+        present = p.exists("zarr.json")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - credentials, endpoint, network: one line naming the store
+        raise UserError(f"{p} could not be reached: {type(e).__name__}: {e}; check the URL and "
+                        "storage.options (or the provider's environment variables)") from None
+    if not present:
         raise UserError(f"{p} is not {what} (no zarr.json); {hint}")
     try:
-        return zarr.open_group(str(p), mode=mode)
+        return zarr.open_group(p.zarr_store(read_only=mode == "r"), mode=mode)
     except Exception as e:  # zarr raises several types for a malformed hierarchy
         raise UserError(f"{p} could not be opened as a zarr group: {type(e).__name__}: {e}") from None
 
 
 def open_store(path, mode: str = "r") -> tuple[zarr.Group, str]:
     """Open a fae-pipe cache store and return ``(group, kind)``, checking its kind and schema version."""
-    p = Path(path)
+    p = StoreLocation.of(path)
     group = open_group(p, mode, "a fae-pipe zarr store", "run `fae-pipe extract` or `encode` first")
     kind = group.attrs.get(A_KIND)
     if kind not in KINDS:
@@ -313,9 +328,13 @@ def read_rows(group: zarr.Group, array_name: str, rows, *rest) -> np.ndarray:
         return np.asarray(arr.oindex[(rows, *rest)])
 
 
-def shard_file(store_path, group: zarr.Group, array_name: str, shard_index: int) -> Path:
-    """The file holding storage shard ``shard_index`` of an array (local stores)."""
+def shard_key(group: zarr.Group, array_name: str, shard_index: int) -> str:
+    """The store-relative key of the object holding storage shard ``shard_index`` of an array."""
     arr = group[array_name]
     coords = (shard_index,) + (0,) * (arr.ndim - 1)
-    key = arr.metadata.chunk_key_encoding.encode_chunk_key(coords)
-    return Path(store_path) / array_name / key
+    return f"{array_name}/{arr.metadata.chunk_key_encoding.encode_chunk_key(coords)}"
+
+
+def shard_file(store_path, group: zarr.Group, array_name: str, shard_index: int) -> Path:
+    """The file holding storage shard ``shard_index`` of an array (local stores)."""
+    return Path(store_path) / shard_key(group, array_name, shard_index)

@@ -25,7 +25,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
@@ -34,8 +33,10 @@ from tqdm import tqdm
 
 from fae_pipe.artifacts import disk_write_error
 from fae_pipe.cache import schema
-from fae_pipe.cache.bookkeeping import read_record, write_record
-from fae_pipe.errors import StopRequested, StopSignals
+from fae_pipe.cache import location
+from fae_pipe.cache.bookkeeping import read_records, write_record
+from fae_pipe.cache.location import StoreLocation
+from fae_pipe.errors import StopRequested, StopSignals, UserError
 from fae_pipe.phases import phase
 
 
@@ -163,6 +164,11 @@ def write_shard(group: zarr.Group, store_path, shard_index: int, start: int, sto
             arr.with_config({"write_empty_chunks": True})[start:stop] = np.asarray(arrays[name], dtype=arr.dtype)
         except Exception as e:
             # full disk / read-only: one line; no record is written, so a re-run redoes this shard
+            loc = StoreLocation.of(store_path)
+            if not loc.is_local:
+                raise UserError(f"cannot write {loc.child(schema.shard_key(group, name, shard_index))}: "
+                                f"{type(e).__name__}: {e}; check the bucket's permissions and storage.options, "
+                                "then run the same command again (finished shards are kept)") from None
             friendly = disk_write_error(schema.shard_file(store_path, group, name, shard_index), e)
             if friendly is not None:
                 raise friendly from None
@@ -183,12 +189,16 @@ def write_shard(group: zarr.Group, store_path, shard_index: int, start: int, sto
 def run_unit(task: ShardTask, store_path: str, shard_ids: list[int], plan: ShardPlan, config_hash: str,
              threads: int = 0, workers: int = 0, progress: Callable[[int], None] | None = None,
              topic: str | None = None, prepared: PreparedTasks | None = None,
-             stop: Callable[[], bool] | None = None) -> list[dict]:
+             stop: Callable[[], bool] | None = None, storage: dict | None = None) -> list[dict]:
     """Compute and write the storage shards of one work unit; returns their records.
 
     ``prepared``: where the built task is kept (None: this process's registry, as on a dask worker).
     ``stop``: polled before each shard; when true, the unit ends there (the shards before it are whole).
+    ``storage``: the coordinator's storage options (``cache.location``), applied in this process
+    first, so a worker of any cluster opens URL stores exactly as the coordinator does.
     """
+    if storage is not None:
+        location.configure(storage)
     ready = (prepared or PreparedTasks.of_process()).get(task, threads, workers)
     group = schema.open_group(store_path, "r+")
     records = []
@@ -233,7 +243,7 @@ class RunResult:
         return [f for i in sorted(self.records) for f in self.records[i]["failures"]]
 
     def stored_bytes(self) -> int:
-        return sum(p.stat().st_size for p in Path(self.path).rglob("*") if p.is_file())
+        return StoreLocation.of(self.path).data_bytes()
 
     def summary(self, label: str) -> str:
         return (f"{label}: {self.num_samples} samples, {self.shards_written} shards written, "
@@ -251,12 +261,13 @@ def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *
     use their own process's registry. ``stop_signals``: signal names that stop the run
     cleanly (see the module docstring); ``StopRequested`` names what was done.
     """
-    path = str(Path(store_path).resolve())
+    path = StoreLocation.of(store_path).canonical()  # what workers open: absolute path or URL
     unit_list, note = plan.units(units)
     if note:
         print(note, file=sys.stderr)
     with phase("shards: plan (read records)"):
-        todo = [[i for i in unit if not record_matches(read_record(path, i), config_hash, *plan.bounds(i))]
+        before = read_records(path, range(plan.num_shards))
+        todo = [[i for i in unit if not record_matches(before[i], config_hash, *plan.bounds(i))]
                 for unit in unit_list]
     todo = [unit for unit in todo if unit]
     pending = [i for unit in todo for i in unit]
@@ -284,11 +295,8 @@ def run_shards(store_path, task: ShardTask, plan: ShardPlan, config_hash: str, *
         signals.restore()
         bar.close()  # ends the bar's line, so an error message starts on its own line
     with phase("shards: collect records"):
-        records = {}
-        for i in range(plan.num_shards):
-            rec = read_record(path, i)
-            if record_matches(rec, config_hash, *plan.bounds(i)):
-                records[i] = rec
+        after = read_records(path, range(plan.num_shards))
+        records = {i: rec for i, rec in after.items() if record_matches(rec, config_hash, *plan.bounds(i))}
     done = len(records)
     if stopped() and done < plan.num_shards:  # a signal after the last shard: the run simply completed
         raise StopRequested(f"{desc}: stop signal ({signals.name(signals.requested)}): {done} of {plan.num_shards} "
@@ -316,8 +324,10 @@ def _run_on_dask(task, path, todo, plan, config_hash, workers, scheduler, thread
     try:
         client.subscribe_topic(topic, lambda event: bar.update(event[1]["samples"]))
         t0 = time.perf_counter()
+        storage = location.configured()
         futures = [client.submit(run_unit, task, path, unit, plan, config_hash, threads, n_workers,
-                                 None, topic, pure=False, key=f"shard-unit-{unit[0]:05d}-{uuid.uuid4().hex[:8]}")
+                                 None, topic, storage=storage, pure=False,
+                                 key=f"shard-unit-{unit[0]:05d}-{uuid.uuid4().hex[:8]}")
                    for unit in todo]
         try:
             for fut in as_completed(futures):

@@ -9,14 +9,14 @@ with a matching hash is resumed.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Callable
 
 import zarr
 
 from fae_pipe import __version__
 from fae_pipe.cache import schema
-from fae_pipe.cache.bookkeeping import remove_stray_files
+from fae_pipe.cache.bookkeeping import check_held_locks, remove_stray_files
+from fae_pipe.cache.location import StoreLocation
 from fae_pipe.errors import UserError
 
 
@@ -27,8 +27,9 @@ def open_or_create(path, config_hash: str, create: Callable[[], zarr.Group], ove
     ``create`` builds the empty store (schema.create_*_store); it runs when the store is
     new, was left half-created (no config_hash yet), or is replaced under ``overwrite``.
     """
-    path = Path(path)
-    if (path / "zarr.json").is_file():
+    loc = StoreLocation.of(path)  # a local directory or a URL (``cache.location``)
+    path = loc.local if loc.is_local else loc.url
+    if loc.exists("zarr.json"):
         try:
             group = schema.open_group(path, "r+")
             existing = group.attrs.get(schema.A_CONFIG_HASH)
@@ -45,7 +46,7 @@ def open_or_create(path, config_hash: str, create: Callable[[], zarr.Group], ove
                             f"!= {config_hash[:12]}); pass {option} to replace it, or choose another path")
         if existing is not None:
             print(f"note: {option}: replacing store {path} (config_hash {str(existing)[:12]})", file=sys.stderr)
-    elif path.exists() and any(p.name != schema.BOOKKEEPING_DIR for p in path.iterdir()):
+    elif any(name != schema.BOOKKEEPING_DIR for name in loc.top_level()):
         if not overwrite:
             raise UserError(f"{path} exists and is not a fae-pipe store; pass {option} to replace it, "
                             "or choose another path")
@@ -61,7 +62,9 @@ def mark_incomplete(group: zarr.Group) -> None:
 
 
 def finalize(group: zarr.Group, failures: list[dict], extra_attrs: dict | None = None) -> None:
-    """Mark a store complete: all shards have matching records. One attrs write."""
+    """Mark a store complete: all shards have matching records. One attrs write, refused when this
+    process's store lock was lost (an object-store lease taken over by another writer)."""
+    check_held_locks()
     attrs = {schema.A_COMPLETE: True, schema.A_FAILURES: failures}
     attrs.update(extra_attrs or {})
     group.attrs.update(attrs)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fae_pipe.cache import schema
+from fae_pipe.cache.location import is_url
 from fae_pipe.cache.shard_reader import ShardReader
 from fae_pipe.data.sharded import ShardMaps, ShardedLoader, default_max_mapped_shards
 from fae_pipe.errors import UserError
@@ -42,7 +43,7 @@ class RepaTargets:
     """
 
     def __init__(self, features_path, source: ShardedLoader, keep_read: int = 2):
-        self.path = Path(features_path)
+        self.path = features_path if is_url(features_path) else Path(features_path)
         self.group = schema.open_feature_store(self.path, key="repa features")
         arr = self.group[schema.FEATURES]
         _, self.num_views, self.tokens, self.dim = (int(v) for v in arr.shape)

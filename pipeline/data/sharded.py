@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import resource
 from collections import OrderedDict
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -40,7 +39,8 @@ import zarr
 from tqdm import tqdm
 
 from fae_pipe.cache.schema import LABELS, SAMPLE_IDS, open_group, read_array
-from fae_pipe.cache.shard_reader import ShardReader
+from fae_pipe.cache.location import StoreLocation
+from fae_pipe.cache.shard_reader import MAX_PREFETCH, ShardReader
 from fae_pipe.errors import UserError
 
 _ORDER, _WINDOW, _VIEW = 0, 1, 2  # independent random streams per (seed, epoch)
@@ -79,6 +79,17 @@ class ShardMaps:
     @property
     def direct(self) -> bool:
         return all(r.direct for r in self.readers.values())
+
+    def prefetch(self, shards) -> None:
+        """Start reading ``shards`` ahead: memory-map them (the kernel's read-ahead) where the files
+        allow, else start fetching the whole shard objects in the background (object storage)."""
+        if all(r.mappable for r in self.readers.values()):
+            for s in shards:
+                self.open(s)
+            return
+        for s in shards:
+            for r in self.readers.values():
+                r.prefetch(s)
 
     def open(self, s: int) -> dict[str, np.ndarray]:
         if s in self._maps:
@@ -126,7 +137,9 @@ class ShardedLoader:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or shuffle_buffer < 1:
             raise UserError(f"sharded loader: invalid batch_size={batch_size}, rank={rank}, "
                             f"world_size={world_size}, shuffle_buffer={shuffle_buffer}")
-        self.store_path = Path(store_path)
+        loc = StoreLocation.of(store_path)  # a local directory or a URL (s3://, gs://...)
+        self.store_path = loc.local if loc.is_local else loc.url
+        self._store_name = loc.name
         self.group = open_group(self.store_path)
         self.names = list(arrays)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -247,9 +260,9 @@ class ShardedLoader:
                 self._block_of[:], self._copied_rows = 0, self.num_samples
             return
         needed = self._shards_of(window_idx)
-        if self._maps.direct:
-            for s in self._shards_of(next_idx):
-                self._maps.open(s)  # maps it and starts the kernel's read-ahead
+        following = self._shards_of(next_idx)
+        if self._maps.direct and following != needed:  # the same shards stay held: nothing to read ahead
+            self._maps.prefetch(following)  # kernel read-ahead, or background GETs of whole shard objects
         if needed == self._held:
             return
         self._blocks, self._held, self._copied_rows = [], [], 0  # free the old window first
@@ -270,11 +283,15 @@ class ShardedLoader:
     def _read_store(self) -> dict[str, np.ndarray]:
         """Every requested array, whole, read shard by shard into one buffer each."""
         out = {n: np.empty((self.num_samples, *r.row_shape), r.dtype) for n, r in self._readers.items()}
-        for s in tqdm(range(self.num_shards), desc=f"load {self.store_path.name}", unit="shard", leave=False,
+        for s in range(min(self.num_shards, MAX_PREFETCH)):  # object storage: GETs in flight (local: no-op)
+            for r in self._readers.values():
+                r.prefetch(s)
+        for s in tqdm(range(self.num_shards), desc=f"load {self._store_name}", unit="shard", leave=False,
                       disable=self.num_shards < 64):
             lo, hi = s * self.shard_rows, min(self.num_samples, (s + 1) * self.shard_rows)
             for n, r in self._readers.items():
                 r.read_into(s, out[n][lo:hi])
+                r.prefetch(s + MAX_PREFETCH)
         return out
 
     def _shards_of(self, idx: np.ndarray) -> list[int]:
