@@ -36,6 +36,7 @@ import json
 import os
 import zipfile
 from collections.abc import Sequence
+from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,9 +130,11 @@ def stratified_holdout(paths: list[str], labels: np.ndarray, fraction: float, se
 def compute_fingerprint(paths, sizes, labels, holdout, seed: int, fraction: float) -> str:
     """sha256 hex over the dataset content that matters (see module docstring)."""
     header = f"{FINGERPRINT_SCHEMA}\nseed={int(seed)}\nholdout_fraction={float(fraction)!r}\n"
-    rows = "".join(f"{p}\t{s}\t{lab}\t{int(ho)}\n" for p, s, lab, ho in zip(
-        paths, np.asarray(sizes).tolist(), np.asarray(labels).tolist(), np.asarray(holdout, bool).tolist()))
-    return hashlib.sha256((header + rows).encode()).hexdigest()
+    h = hashlib.sha256(header.encode())
+    rows = zip(paths, np.asarray(sizes).tolist(), np.asarray(labels).tolist(), np.asarray(holdout, bool).tolist())
+    while block := list(islice(rows, 65536)):  # hashed in blocks: no 1.28M-row string in memory
+        h.update("".join(f"{p}\t{s}\t{lab}\t{int(ho)}\n" for p, s, lab, ho in block).encode())
+    return h.hexdigest()
 
 
 @dataclass
