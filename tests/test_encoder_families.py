@@ -220,3 +220,29 @@ def test_original_format_checkpoints_load_and_the_position_table_is_resized(tmp_
     assert torch.equal(build_encoder("vit_small_patch14_reg4_dinov2", path, 56, **args).encode(x)[0], d2.encode(x)[0])
     small = build_encoder("vit_small_patch14_reg4_dinov2", path, 28, **args)  # 4x4 table -> 2x2
     assert small.model.pos_embed.shape == (1, 4, 32) and small.encode(x[:, :, :28, :28])[0].shape == (2, 4, 32)
+
+
+# README "Encoders and latent sources": name -> (input size, width, prefix tokens, bytes per image, fp16, 2 views)
+README_ROWS = {
+    "vit_giant_patch14_dinov2": (224, 1536, 1, 1_579_008),
+    "vit_large_patch14_reg4_dinov2": (224, 1024, 5, 1_052_672),
+    "vit_large_patch16_dinov3": (256, 1024, 5, 1_052_672),
+    "vit_so400m_patch16_siglip_256.v2_webli": (256, 1152, 0, 1_184_256),
+    "vit_base_patch16_siglip_256.v2_webli": (256, 768, 0, 789_504),
+}
+
+
+def test_the_readme_table_matches_the_full_size_models():
+    """Full-size architectures on the meta device (no memory): width, prefix tokens and a 16x16 grid; the
+    table's bytes = 2 views x (256 patch tokens + 1 pooled vector) x width x 2 bytes."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, (size, width, prefix, nbytes) in README_ROWS.items():
+        choice = resolve(name)
+        with torch.device("meta"):
+            model = timm.create_model(choice.arch, pretrained=False, img_size=size)
+        grid = size // int(model.patch_embed.patch_size[0])
+        assert (int(model.num_features), int(model.num_prefix_tokens), grid) == (width, prefix, 16), name
+        assert choice.family.grid_input_size == size and nbytes == 2 * (grid * grid + 1) * width * 2
+        assert name in readme and f"{nbytes:,}" in readme, name
