@@ -145,7 +145,12 @@ class StoreLocation:
             return str(self.local)
         from zarr.storage import FsspecStore
 
-        return FsspecStore.from_url(self.url, storage_options=options_for(self.protocol), read_only=read_only)
+        opts = {"use_listings_cache": False, **options_for(self.protocol)}  # see ``fs``
+        try:
+            return FsspecStore.from_url(self.url, storage_options=opts, read_only=read_only)
+        except TypeError:
+            opts.pop("use_listings_cache")
+            return FsspecStore.from_url(self.url, storage_options=opts, read_only=read_only)
 
     # ---- object operations (both kinds; the bookkeeping and readers use them) ----
     def exists(self, key: str) -> bool:

@@ -23,6 +23,10 @@ guarantees is used instead:
   (S3, GCS) every contender reads the same last write, so one owner wins; renewals
   check the owner before rewriting (a short race window this mode cannot close).
 
+Take-overs compare against the MD5 of the lock's bytes, which is a single PUT's ETag on
+S3; a bucket whose ETags are not MD5s (SSE-KMS) makes a take-over fail safe: refused,
+with the lock object named, never two owners.
+
 The coordinator calls ``check()`` before it marks a store complete: a run whose lease
 was lost fails with one line rather than finalising a store another writer now owns.
 """
