@@ -115,6 +115,16 @@ def test_the_store_records_the_vae_and_holds_exact_statistics(built, capsys):
     assert f"0 shards written, {SHARDS} skipped" in capsys.readouterr().err
 
 
+def test_the_bits_do_not_depend_on_work_units_or_threads(built):
+    from test_encode import data_files
+
+    root, cfg = built
+    other = root / "other.zarr"
+    cli_main(["encode", "--config", str(cfg), "--set", f"paths.latents={other}", "--set", "encode.shards=1",
+              "--set", "encode.threads=2", "--set", "data.decode_workers=0"])
+    assert data_files(other) == data_files(root / "latents.zarr")
+
+
 def test_bad_vae_weights_are_one_line_errors(built):
     from fae_pipe.config import load_config
     from fae_pipe.stages import encode
@@ -263,6 +273,6 @@ def test_random_weights_are_the_sd_vae_architecture_recorded_as_random(capsys):
     rec = vae.record
     assert rec["random_weights"] is True and rec["weights"] == "random" and rec["downsample"] == 8
     assert rec["config"]["block_out_channels"] == SD_VAE_CONFIG["block_out_channels"]
-    mean, std = vae.posterior(torch.zeros(1, 3, 256, 256))
-    assert mean.shape == std.shape == (1, 4, 32, 32) and vae.grid(256) == (32, 32)  # 4x32x32 at 256 px
+    mean, std = vae.posterior(torch.zeros(1, 3, 64, 64))  # 8x downsampling: 4x32x32 at 256 px
+    assert mean.shape == std.shape == (1, 4, 8, 8) and vae.grid(256) == (32, 32)
     assert Vae.from_record(rec).record["weights_fingerprint"] == rec["weights_fingerprint"]  # the fixed seed

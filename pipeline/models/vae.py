@@ -15,12 +15,20 @@ per-channel statistics, ``fae_pipe.cache.latent_stats``). ``sample`` and ``evalu
 the decoder from that record alone (``Vae.from_record``) and refuse a network whose fingerprint
 differs, so latents are never decoded by a VAE other than the one that wrote them.
 
+On CPU the VAE runs with oneDNN (mkldnn) convolutions off: with them, the stored bits
+change with the torch thread count (1 vs 2 threads differ in the last float16 bit of ~0.2% of
+the values), so an in-process run (all cores) and ``--workers 2`` (one core each) would not
+agree and a resume on another machine shape would mix bits; PyTorch's own convolutions
+give the same bits for any thread count, at ~3.5x the CPU time (SD-VAE, 64 px, one core:
+2.05 s vs 0.58 s per 4 images, measured on the shared 2-core machine). GPUs are unaffected.
+
 Pixels: the VAE sees the ADM crop itself (``fae_pipe.data.transforms``, no resize), uint8
 mapped to [-1, 1]; the decoder's output is mapped back to [0, 1].
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -115,7 +123,8 @@ class Vae:
         if not isinstance(record, dict) or "weights" not in record or "weights_fingerprint" not in record:
             raise UserError(f"{where}: its latent_source records no VAE (weights, weights_fingerprint); "
                             "re-run `fae-pipe encode`")
-        vae = cls.build(record["weights"], device, record.get("precision", "fp32"), announce=False)
+        vae = cls.build(record["weights"], device, record.get("precision", "fp32"),
+                        announce=bool(record.get("random_weights")))  # decoding with random weights is said too
         if vae.record["weights_fingerprint"] != record["weights_fingerprint"]:
             raise UserError(f"{where} was encoded by the VAE {record['weights']} with fingerprint "
                             f"{record['weights_fingerprint'][:19]}..., but that directory now holds "
@@ -125,6 +134,10 @@ class Vae:
     @property
     def latent_channels(self) -> int:
         return int(self.record["config"]["latent_channels"])
+
+    def _kernels(self):
+        """CPU: PyTorch's convolutions, not oneDNN's (same bits whatever the thread count; see the module notes)."""
+        return _without_onednn() if self.device.type == "cpu" else contextlib.nullcontext()
 
     def grid(self, image_size: int) -> tuple[int, int]:
         """The latent grid of ``image_size`` px crops (32x32 at 256 px for SD-VAE)."""
@@ -137,7 +150,8 @@ class Vae:
     @torch.no_grad()
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) in [-1, 1] -> posterior (mean, std), float32 (B, C, H/f, W/f)."""
-        dist = self.model.encode(x.to(self.device, self.dtype)).latent_dist
+        with self._kernels():
+            dist = self.model.encode(x.to(self.device, self.dtype)).latent_dist
         return dist.mean.float(), dist.std.float()
 
     @torch.no_grad()
@@ -145,7 +159,20 @@ class Vae:
         """Latents in the stored (raw posterior) space (B, C, h, w) -> images (B, 3, H, W) in [0, 1]."""
         from fae_pipe.fae.autoencoder import pixels_to_unit
 
-        return pixels_to_unit(self.model.decode(z.to(self.device, self.dtype)).sample)
+        with self._kernels():
+            return pixels_to_unit(self.model.decode(z.to(self.device, self.dtype)).sample)
+
+
+@contextlib.contextmanager
+def _without_onednn():
+    """``torch.backends.mkldnn.enabled = False`` for the block (only that flag: ``mkldnn.flags()`` also
+    rewrites the TF32 setting, with a warning on CPU builds)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def vae_input(pixels: np.ndarray) -> torch.Tensor:
