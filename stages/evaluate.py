@@ -233,7 +233,8 @@ def summary_line(r: dict, out: Path) -> str:
     rc = r["reconstruction"]
     made_by = f" ({r['samples']['generator']})" if r.get("samples") else ""
     return (f"evaluate: {r['num_generated']} samples{made_by} vs {r['num_reference']} reference: FD-DINOv2 "
-            f"{_num(r['fd_dinov2'], '.4g')} (FD in {r['encoder'].get('name', 'the store encoder')} space {_num(r.get('fd_encoder'), '.4g')}), "
+            f"{_num(r['fd_dinov2'], '.4g')} (FD in {r['encoder'].get('name', 'the store encoder')} space "
+            f"{_num(r.get('fd_encoder'), '.4g')}), "
             f"FID {_num(r['fid'], '.2f')}, IS {_num(r['inception_score'], '.2f')}, "
             f"precision {_num(r['precision'])}, recall {_num(r['recall'])}; reconstruction: rFD-DINOv2 "
             f"{_num(rc.get('rfd_dinov2'), '.4g')}, PSNR {_num(rc.get('psnr'), '.2f')} dB, LPIPS "

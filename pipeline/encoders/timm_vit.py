@@ -1,4 +1,5 @@
-"""The frozen timm ViT encoder (DINOv2, DINOv3, SigLIP/SigLIP2, any timm ViT), wrapped so every stage gets the same features.
+"""The frozen timm ViT encoder (DINOv2, DINOv3, SigLIP/SigLIP2, any timm ViT), wrapped so every stage gets
+the same features.
 
 What each family needs (normalisation, patch, prefix tokens, pooled vector) is declared
 in ``fae_pipe.encoders.registry``; this module builds the model and runs it.
@@ -290,6 +291,7 @@ def build_encoder(name: str, weights: str, input_size: int, device="auto", preci
 
 def build_from_spec(spec: dict, device=None) -> FrozenEncoder:
     """``build_encoder`` of an ``encoder_spec`` dict (``device`` overrides the spec's)."""
-    return build_encoder(spec["name"], spec["weights"], spec["input_size"], spec["device"] if device is None else device,
-                         spec["precision"], layer=spec["layer"], layer_norm=spec["layer_norm"],
-                         model_args=spec["model_args"], mean=spec["mean"], std=spec["std"])
+    return build_encoder(spec["name"], spec["weights"], spec["input_size"],
+                         spec["device"] if device is None else device, spec["precision"], layer=spec["layer"],
+                         layer_norm=spec["layer_norm"], model_args=spec["model_args"], mean=spec["mean"],
+                         std=spec["std"])

@@ -55,7 +55,7 @@ def read_view(group, name: str, rows: np.ndarray, view: int, dtype=np.float32) -
 
 @torch.no_grad()
 def encoder_cls(encoder, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Pooled vectors (cls tokens for DINOv2) (N, D) float32 of uint8 images (N, H, W, 3), computed ``batch_size`` at a time."""
+    """Pooled vectors (cls tokens for DINOv2) (N, D) float32 of uint8 images (N, H, W, 3), ``batch_size`` at a time."""
     out = []
     for lo in range(0, len(images), batch_size):
         _, cls = encoder.encode(encoder.preprocess(images[lo:lo + batch_size]))
@@ -95,8 +95,8 @@ def check_encoder(cfg_enc, attrs: dict, store: str) -> dict:
         raise UserError(f"{store} records no encoder settings (attrs 'encoder'); re-create it with `fae-pipe extract`")
     for key, legacy in CHECKED_KEYS.items():
         if rec.get(key, legacy) != getattr(cfg_enc, key):
-            raise UserError(f"image_encoder.{key} = {getattr(cfg_enc, key)!r} differs from the {rec.get(key, legacy)!r} "
-                            f"that made {store}: evaluate with the store's encoder settings")
+            raise UserError(f"image_encoder.{key} = {getattr(cfg_enc, key)!r} differs from the "
+                            f"{rec.get(key, legacy)!r} that made {store}: evaluate with the store's encoder settings")
     if rec.get("model_args", {}) != parse_model_args(cfg_enc.model_args):
         raise UserError(f"image_encoder.model_args = {cfg_enc.model_args!r} differs from the {rec.get('model_args')!r} "
                         f"that made {store}: evaluate with the store's encoder settings")
@@ -104,7 +104,7 @@ def check_encoder(cfg_enc, attrs: dict, store: str) -> dict:
 
 
 def build_checked_encoder(cfg_enc, attrs: dict, store: str, device):
-    """The encoder that made ``store``, rebuilt from the config and checked against its record (weights, normalisation)."""
+    """The encoder that made ``store``, rebuilt from the config, checked against its record (weights, normalisation)."""
     from fae_pipe.encoders.registry import encoder_spec
     from fae_pipe.encoders.timm_vit import build_from_spec
 
@@ -137,13 +137,14 @@ def reference_dinov2(ref_cfg, store_cfg, rec: dict, store: str, device):
     if same:
         if own["family"] not in ("dinov2", "dinov2_reg") or own["layer"] != 0:
             raise UserError(f"{store} holds {own['name']} features (family {own['family']}, layer {own['layer']}), not "
-                            "DINOv2 cls tokens: set evaluate.reference_encoder.name / .weights / .input_size to a DINOv2 "
-                            "(e.g. vit_giant_patch14_dinov2, a local checkpoint, 224) for FD-DINOv2 (docs/encoders.md)")
+                            "DINOv2 cls tokens: set evaluate.reference_encoder.name / .weights / .input_size to a "
+                            "DINOv2 (e.g. vit_giant_patch14_dinov2, a local checkpoint, 224) for FD-DINOv2 "
+                            "(docs/encoders.md)")
         return None, f"the feature store's cached cls tokens ({own['name']})"
     choice = resolve(ref_cfg.name)
     if not choice.is_dinov2 or ref_cfg.layer != 0:
-        raise UserError(f"evaluate.reference_encoder.name = {ref_cfg.name!r} (layer {ref_cfg.layer}) is invalid: FD-DINOv2 "
-                        "needs a DINOv2 (vit_*_patch14[_reg4]_dinov2) at layer 0")
+        raise UserError(f"evaluate.reference_encoder.name = {ref_cfg.name!r} (layer {ref_cfg.layer}) is invalid: "
+                        "FD-DINOv2 needs a DINOv2 (vit_*_patch14[_reg4]_dinov2) at layer 0")
     enc = build_from_spec(encoder_spec(ref_cfg), device)
     return enc, f"{ref_cfg.name} ({enc.weights_fingerprint[:23]}) over the reference images"
 
@@ -207,7 +208,9 @@ class GenerationScorer:
     def features(self, images: np.ndarray) -> np.ndarray:
         """(N, width) of uint8 images (N, H, W, 3): DINOv2 cls tokens [+ the store encoder's pooled vectors]."""
         dino = encoder_cls(self.dinov2, images, self.ev.batch_size)
-        return np.concatenate([dino, encoder_cls(self.encoder, images, self.ev.batch_size)], 1) if self.separate else dino
+        if not self.separate:
+            return dino
+        return np.concatenate([dino, encoder_cls(self.encoder, images, self.ev.batch_size)], 1)
 
     def split(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(DINOv2 part, store-encoder part) of ``features`` rows."""
