@@ -112,6 +112,13 @@ BENCHES: dict[str, Stage] = {
                                       help="bench a temporary store of random latents (and, with REPA, of random "
                                            "features) for the first N images of paths.index, shaped by the "
                                            "configured encoder and FAE, instead of paths.latents"),)),
+    "flow": Stage("bench_flow", ["flow", "sit", "sample", "paths"],
+                  "Images/s of flow sampling (KV-cached, uncached) vs SiT as the token count grows.",
+                  (click.Option(["--sides"], default="4,8,16", metavar="S,...",
+                                help="latent grid sides to bench at patch 1 (N = side^2 tokens)"),
+                   click.Option(["--batch"], type=int, default=16, metavar="B", help="images per sampling call"),
+                   click.Option(["--uncached-max"], "uncached_max", type=int, default=64, metavar="N",
+                                help="bench the uncached (quadratic) flow inversion up to N tokens"))),
     "stages": Stage("bench_stages", ["image_encoder", "fae", "decoder", "encode", "sit", "sample", "evaluate", "data",
                                      "paths", ATTENTION],
                     "Roofline: every stage's FLOP/s against this machine's matmul peak, samples/s, step time split.",

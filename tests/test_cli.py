@@ -28,6 +28,7 @@ ALLOWED = {
     "train-flow": {"resume"}, "sample": {"export"}, "evaluate": set(), "probe": set(),
     "bench extract": set(), "bench loader": {"synthetic", "features", "object_store"}, "bench train-step": {"synthetic"},
     "bench stages": {"synthetic", "competitor", "compile_", "only"},
+    "bench flow": {"sides", "batch", "uncached_max"},
     "bench scale": {"samples", "workdir", "results", "keep", "sit_steps", "fae_steps", "workers"},
 }
 

@@ -78,11 +78,11 @@ def test_nll_on_a_known_gaussian_approaches_its_entropy(one_thread):
     dist = torch.distributions.MultivariateNormal(torch.zeros(d), cov)
     model = TARFlow(input_size=2, in_channels=2, width=32, block_depths=[1, 1], heads=2, num_classes=1)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 300)
-    y = torch.zeros(256, dtype=torch.long)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 200)
+    y = torch.zeros(128, dtype=torch.long)
     start = None
-    for _ in range(300):
-        loss = training_loss(model, dist.sample((256,)).view(256, 2, 2, 2), y, sigma=0.0).loss
+    for _ in range(200):
+        loss = training_loss(model, dist.sample((128,)).view(128, 2, 2, 2), y, sigma=0.0).loss
         start = start if start is not None else loss.item()
         opt.zero_grad()
         loss.backward()
@@ -91,7 +91,7 @@ def test_nll_on_a_known_gaussian_approaches_its_entropy(one_thread):
     with torch.no_grad():
         held_out = nll_per_dim(model, dist.sample((4096,)).view(4096, 2, 2, 2), 0).mean().item()
     assert start - entropy > 0.3  # it had something to learn
-    assert held_out == pytest.approx(entropy, abs=0.03)
+    assert held_out == pytest.approx(entropy, abs=0.05)  # from 0.57 above it at the start
 
 
 def test_tweedie_moves_noisy_gaussian_samples_by_the_predicted_amount():
@@ -158,3 +158,13 @@ def test_bad_shapes_are_one_line_errors():
         TARFlow(input_size=4, block_depths=[2, 0])
     with pytest.raises(UserError, match="expected"):
         random_flow()(torch.zeros(1, 3, 4, 4), 0)
+
+
+def test_bench_flow_measures_every_candidate():
+    from fae_pipe.config import load_config
+    from fae_pipe.stages.bench_flow import measure
+
+    cfg = load_config(None, {"flow.model": "starflow_tiny", "sit.model": "sit_tiny", "sample.steps": "2"})
+    rows = measure(cfg, [2, 3], batch=2, uncached_max=4, channels=2, repeats=1)
+    assert [r["tokens"] for r in rows] == [4, 9] and "flow_uncached_img_per_s" not in rows[1]
+    assert all(r[k] > 0 for r in rows for k in r if k.endswith("_img_per_s"))
