@@ -120,8 +120,8 @@ class StoreLocation:
                     opts.pop("use_listings_cache")
                     self._fs, self._root = fsspec.core.url_to_fs(self.url, **opts)
             except (ImportError, ValueError) as e:
-                raise UserError(f"{self.url}: cannot open a {self.protocol}:// store ({e}); install the file "
-                                f"system's package (pip install 'fae-pipe[{self.protocol}]' for s3/gcs)") from None
+                raise UserError(f"{self.url}: cannot open a {self.protocol}:// store ({e}); install fsspec's file "
+                                "system for it (s3://: pip install 'fae-pipe[s3]', gs://: 'fae-pipe[gcs]')") from None
         return self._fs
 
     @property
@@ -156,7 +156,10 @@ class StoreLocation:
     def exists(self, key: str) -> bool:
         if self.local is not None:
             return (self.local / key).is_file()
-        return self.fs.isfile(self.path(key))
+        try:  # not fs.isfile: it answers False for an unreachable endpoint or bad credentials too
+            return self.fs.info(self.path(key)).get("type") == "file"
+        except FileNotFoundError:
+            return False
 
     def read_bytes(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         """The object's bytes (``FileNotFoundError`` when absent); ``start``/``end`` a byte range."""

@@ -112,6 +112,16 @@ class ObjectLock:
 
     # ---- lock protocol ---------------------------------------------------------
     def acquire(self) -> "ObjectLock":
+        try:
+            return self._acquire()
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - endpoint, credentials, permissions, bucket: one line
+            raise UserError(f"{self.what}: cannot create its lock object {self.url} ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); check the URL, the credentials and "
+                            "storage.options") from None
+
+    def _acquire(self) -> "ObjectLock":
         if self._create():
             return self._start()
         owner, etag = self._read()
