@@ -66,8 +66,9 @@ def run(cfg: Config, overwrite: bool, t0: float) -> None:
     with StoreLock(out):  # first, so a second writer is refused before the VAE is built
         index = read_index(cfg.paths.index)
         n = len(index)
-        spec = {"weights": cfg.vae.weights, "precision": cfg.vae.precision, "device": cfg.encode.device}
         vae = Vae.build(cfg.vae.weights, pick_device(cfg.encode.device), cfg.vae.precision)
+        # workers load the resolved directory (their working directory may differ)
+        spec = {"weights": vae.record["weights"], "precision": cfg.vae.precision, "device": cfg.encode.device}
         grid = vae.grid(cfg.data.image_size)
         shard_samples = cfg.extract.shard_samples
         chunk = schema.effective_chunk_samples(cfg.extract.chunk_samples, shard_samples)
@@ -87,7 +88,7 @@ def run(cfg: Config, overwrite: bool, t0: float) -> None:
         write_latent_store(cfg, config_hash, create, task, ShardPlan(n, shard_samples), None, None, overwrite, t0,
                            None, f"{n} images x {views} views through the VAE",
                            f"{channels}x{grid[0]}x{grid[1]} means + stds")
-    failed = [f for f in schema.open_group(out).attrs.get(schema.A_FAILURES, [])]
+    failed = list(schema.open_group(out).attrs.get(schema.A_FAILURES, []))
     if failed:
         print(f"WARNING: {len(failed)} image(s) could not be decoded and are stored as invalid rows: "
               f"{'; '.join(f['file'] + ' (' + f['reason'] + ')' for f in failed[:3])}", file=sys.stderr)
