@@ -72,13 +72,20 @@ def test_normalisation_matches_timm_pretrained_configs():
         assert (tuple(cfg.mean), tuple(cfg.std)) == (fam.mean, fam.std), fam.family
 
 
-def test_preprocessing_uses_the_family_normalisation():
+def test_preprocessing_uses_the_family_normalisation(tmp_path):
     sig = build_encoder("vit_base_patch16_siglip_256", "random", 32, device="cpu", precision="fp32",
                         model_args=TINY_ARGS)
     assert sig.family == "siglip" and (sig.mean, sig.std) == ((0.5,) * 3, (0.5,) * 3)
     px = np.full((1, 32, 32, 3), 255, np.uint8)
     assert torch.allclose(sig.preprocess(px), torch.ones(1, 3, 32, 32))  # (1 - 0.5) / 0.5
     assert sig.pooled == "attention_pool"
+    so400m = build_encoder("vit_so400m_patch16_siglip_256", "random", 32, device="cpu", precision="fp32",
+                           model_args=TINY_ARGS)  # SigLIP (v1) name whose default tag timm lacks at this size
+    save_file({k: v.contiguous() for k, v in so400m.model.state_dict().items()}, str(tmp_path / "s.safetensors"))
+    again = build_encoder("vit_so400m_patch16_siglip_256", str(tmp_path / "s.safetensors"), 32, device="cpu",
+                          precision="fp32", model_args=TINY_ARGS)
+    x = sig.preprocess(px)
+    assert again.family == "siglip" and torch.equal(again.encode(x)[1], so400m.encode(x)[1])
     gap = build_encoder("vit_base_patch16_siglip_gap_256", "random", 32, device="cpu", precision="fp32",
                         model_args=TINY_ARGS)
     x = gap.preprocess(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))

@@ -126,6 +126,8 @@ def _create_model(choice: EncoderChoice, weights: str, input_size: int, kwargs: 
     if not path.is_file():
         raise UserError(f"image_encoder.weights '{weights}' not found: expected 'hub', 'random' or an existing "
                         f"checkpoint file (.safetensors/.pth/.bin)")
+    if tagged not in timm.list_pretrained(choice.arch + ".*"):  # e.g. a family's default tag this size lacks
+        tagged = choice.arch
     try:
         model = timm.create_model(tagged, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     except Exception as e:  # noqa: BLE001 - wrong architecture, damaged file, unknown format
