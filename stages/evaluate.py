@@ -182,6 +182,8 @@ def run(cfg: Config) -> dict:
     result["wall_seconds"] = round(time.perf_counter() - t0, 3)
     out = Path(paths.metrics) / "eval.json"
     write_metrics(out, result)
+    # and under the generator's name, so a flow's and a SiT's numbers sit side by side (dvc.yaml metrics)
+    write_metrics(Path(paths.metrics) / f"eval_{(result['samples'] or {}).get('generator', 'sit')}.json", result)
     print(summary_line(result, out))
     return result
 

@@ -124,7 +124,8 @@ def _write_outputs(out_dir: Path, images, labels, classes, names, s, gen, fae_pa
     save_samples(out_dir / SAMPLES_FILE, images, labels)
     shown = classes[:MAX_GRID_ROWS]
     grid = make_grid(images, labels, shown, s.grid_per_class, names)
-    atomic_write(out_dir / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+    for name in ("grid.png", f"grid_{gen.family}.png"):  # the latest, and the generator's beside the other's
+        atomic_write(out_dir / name, lambda tmp: grid.save(tmp, format="PNG"))
     if len(classes) > len(shown):
         print(f"sample: grid.png shows the first {len(shown)} of {len(classes)} classes", file=sys.stderr)
     return {
