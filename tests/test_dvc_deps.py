@@ -301,3 +301,15 @@ def test_the_comparison_stages_depend_on_what_train_sit_does():
     assert compare["cmd"].startswith("fae-pipe train-sit --resume auto")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert all(p.split(".")[0] in params for p in compare["params"]), compare["params"]  # dvc refuses a missing one
+
+
+def test_the_generator_stage_follows_the_generator_param():
+    """`dvc exp run -S generator=flow`: the generator stage runs train-<generator> into runs/<generator>,
+    which must be where paths.<generator>_run points (dvc.yaml cannot look a key up by the param's value)."""
+    stage = load_dvc()["stages"]["train-sit"]
+    assert stage["cmd"].startswith("fae-pipe train-${generator} ") and "generator" in stage["params"]
+    assert all(o.startswith("runs/${generator}/") for o in entries(stage, "outs"))
+    for name in ("params.yaml", "configs/demo.yaml"):
+        params = load_yaml(name)
+        assert params["generator"] == "sit" and all(params["paths"][f"{g}_run"] == f"runs/{g}" for g in GENERATORS)
+    assert {f"train-{g}" for g in GENERATORS} <= set(COMMANDS)
