@@ -262,6 +262,13 @@ def test_evaluate_rebuilds_held_out_images_through_the_vae(built, sit_run):
     rec = result["reconstruction"]
     assert result["latent_source"] == "sdvae" and rec["num_images"] >= 2 and rec["psnr"] is not None
     assert not [w for w in result["warnings"] if "FAE" in w]  # no FAE exists here, none was asked for
+    # the training quality curve decodes its draws through the same VAE
+    quality = root / "sit-quality"
+    cli_main(["train-sit", "--config", str(cfg), *sets, "--set", f"paths.sit_run={quality}",
+              "--set", "sit.train.steps=2", "--set", "sit.train.eval_every=2", "--set", "sit.eval_samples=4",
+              "--set", "sit.eval_sampler_steps=2"])
+    rows = (quality / "eval.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("2,") and np.isfinite(float(rows[1].split(",")[1]))
 
 
 @pytest.mark.slow
