@@ -2,10 +2,8 @@
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,7 @@ from fae_pipe.cli import main as cli_main
 from fae_pipe.flow import invert
 from fae_pipe.training.flow_export import build_flow_from_export, generator_family, load_flow_export
 from test_sharded_loader import make_latent_store
-from test_train_sit import ENV, fresh_accelerate_state, loss_rows, one_thread  # noqa: F401
+from test_train_sit import ENV, fresh_accelerate_state, loss_rows, one_thread, sigkill_after_checkpoint  # noqa: F401
 from tiny_pipeline import session_pipeline
 
 STEPS = 6
@@ -88,14 +86,7 @@ def test_stop_then_resume_through_the_cli_is_exact(reference):
 def test_sigkill_then_resume_is_exact(reference):
     tmp, store, ref = reference
     cfg = write_config(tmp, store, "kill", steps=100_000, checkpoint_every=1, keep_last=3)
-    proc = subprocess.Popen([sys.executable, "-m", "fae_pipe.cli", "train-flow", "--config", str(cfg)],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp / "kill" / "checkpoints" / "step-000000003.pt"
-    deadline = time.monotonic() + 240
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL and marker.exists()
+    sigkill_after_checkpoint("train-flow", cfg, tmp / "kill")
     cli_main(["train-flow", "--config", str(cfg), "--resume", "--set", f"flow.train.steps={STEPS}"])
     assert loss_rows(tmp / "kill") == loss_rows(ref)
     assert_same_weights(tmp / "kill", ref)

@@ -133,17 +133,22 @@ def test_resume_auto_continues_a_compatible_run_and_restarts_otherwise(reference
     assert [p.name for p in sorted((tmp / "auto" / "checkpoints").glob("*.pt"))] == ["step-000000002.pt"]
 
 
-def test_sigkill_then_resume_is_exact(reference):
-    tmp, store, ref, _ = reference
-    cfg = write_config(tmp, store, "kill", steps=100_000, checkpoint_every=1, keep_last=3)
-    proc = subprocess.Popen([sys.executable, "-m", "fae_pipe.cli", "train-sit", "--config", str(cfg)],
+def sigkill_after_checkpoint(stage: str, cfg: Path, run: Path, step: int = 3) -> None:
+    """Start ``fae-pipe <stage>`` in a fresh interpreter, SIGKILL it once the checkpoint of ``step`` exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "fae_pipe.cli", stage, "--config", str(cfg)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp / "kill" / "checkpoints" / "step-000000003.pt"
+    marker = run / "checkpoints" / f"step-{step:09d}.pt"
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL and marker.exists()
+
+
+def test_sigkill_then_resume_is_exact(reference):
+    tmp, store, ref, _ = reference
+    cfg = write_config(tmp, store, "kill", steps=100_000, checkpoint_every=1, keep_last=3)
+    sigkill_after_checkpoint("train-sit", cfg, tmp / "kill")
     cli_main(["train-sit", "--config", str(cfg), "--resume", "--set", f"sit.train.steps={STEPS}"])
     assert loss_rows(tmp / "kill") == loss_rows(ref)
     assert_same_weights(tmp / "kill", ref)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fae_pipe.artifacts import load_export, read_export_meta, save_export
+from fae_pipe.artifacts import read_export_meta, save_export
 from fae_pipe.errors import UserError
 from fae_pipe.training import sit_export
 
@@ -40,21 +40,17 @@ def save_flow_export(path: str | Path, **fields) -> Path:
 
 def load_flow_export(path: str | Path) -> dict:
     """Read and check an export written by ``save_flow_export``."""
-    p = Path(path)
-    groups, meta = load_export(p, FORMAT, "train-flow", what="flow export")
-    if meta.get("version") != VERSION:
-        raise UserError(f"flow export '{p}' has version {meta.get('version')!r}; this fae-pipe reads {VERSION}")
-    return {**meta, **{k: groups.get(k) for k in GROUPS}}
+    return sit_export.load_generator_export(path, FORMAT, VERSION, "train-flow", "flow export")
 
 
 def generator_family(path: str | Path) -> str:
     """"sit" or "flow": which generator wrote the export at ``path`` (by its format tag)."""
-    meta = read_export_meta(path) if Path(path).is_file() else None
-    family = FAMILIES.get((meta or {}).get("format"))
+    if not Path(path).is_file():
+        raise UserError(f"generator export '{path}' not found: run `fae-pipe train-sit` or `fae-pipe train-flow` first")
+    family = FAMILIES.get((read_export_meta(path) or {}).get("format"))
     if family is None:
         raise UserError(f"'{path}' is not a generator export (sit.safetensors from train-sit or flow.safetensors "
-                        "from train-flow)" if meta is not None or Path(path).is_file() else
-                        f"generator export '{path}' not found: run `fae-pipe train-sit` or `fae-pipe train-flow` first")
+                        "from train-flow)")
     return family
 
 

@@ -43,10 +43,15 @@ def save_sit_export(path: str | Path, **fields) -> Path:
 
 def load_sit_export(path: str | Path) -> dict:
     """Read and check an export written by ``save_sit_export``."""
+    return load_generator_export(path, FORMAT, VERSION, "train-sit", "SiT export")
+
+
+def load_generator_export(path: str | Path, fmt: str, version: int, made_by: str, what: str) -> dict:
+    """A generator export (SiT's, the flow's) as one dict: its fields and weight groups, format and version checked."""
     p = Path(path)
-    groups, meta = load_export(p, FORMAT, "train-sit", what="SiT export")
-    if meta.get("version") != VERSION:
-        raise UserError(f"SiT export '{p}' has version {meta.get('version')!r}; this fae-pipe reads {VERSION}")
+    groups, meta = load_export(p, fmt, made_by, what=what)
+    if meta.get("version") != version:
+        raise UserError(f"{what} '{p}' has version {meta.get('version')!r}; this fae-pipe reads {version}")
     return {**meta, **{k: groups.get(k) for k in GROUPS}}
 
 
