@@ -178,7 +178,8 @@ def table(results: dict) -> str:
             m = next((s for s in r["stages"] if s["stage"] == name), None)
             got.append(m)
             cells.append("-" if m is None else " / ".join(
-                "-" if v is None else f"{v:g}" for v in (m["seconds"], m["peak_rss_mb"], m["files"], m["plumbing_s"])))
+                "-" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:g}"
+                for v in (m["seconds"], m["peak_rss_mb"], m["files"], m["plumbing_s"])))
         for (a, ra), (b, rb) in zip(zip(got, sizes), zip(got[1:], sizes[1:])):
             if a is None or b is None:
                 cells.append("-")
