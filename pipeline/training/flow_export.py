@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from fae_pipe.artifacts import read_export_meta, save_export
-from fae_pipe.errors import UserError
 from fae_pipe.training import sit_export
 
 FORMAT = "fae-pipe/flow-export"
@@ -44,14 +43,12 @@ def load_flow_export(path: str | Path) -> dict:
 
 
 def generator_family(path: str | Path) -> str:
-    """"sit" or "flow": which generator wrote the export at ``path`` (by its format tag)."""
-    if not Path(path).is_file():
-        raise UserError(f"generator export '{path}' not found: run `fae-pipe train-sit` or `fae-pipe train-flow` first")
-    family = FAMILIES.get((read_export_meta(path) or {}).get("format"))
-    if family is None:
-        raise UserError(f"'{path}' is not a generator export (sit.safetensors from train-sit or flow.safetensors "
-                        "from train-flow)")
-    return family
+    """"sit" or "flow": which generator wrote the export at ``path`` (by its format tag).
+
+    Anything else (missing, pickled, another format) answers "sit", so the SiT loader reports it
+    with its precise one-line error (not found, convert-export, wrong format).
+    """
+    return FAMILIES.get((read_export_meta(path) or {}).get("format"), "sit") if Path(path).is_file() else "sit"
 
 
 def build_flow_from_export(payload: dict, use_ema: bool = True) -> torch.nn.Module:
