@@ -68,6 +68,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow  # 200 optimizer steps: ~5 s idle, the rest of this file takes ~2 s
 def test_nll_on_a_known_gaussian_approaches_its_entropy(one_thread):
     """A correlated Gaussian is exactly representable (an affine autoregressive map is its Cholesky factor)."""
     torch.manual_seed(0)
