@@ -176,7 +176,10 @@ def test_set_and_daily_flags_reach_the_stage(cwd, stub):
     assert stub.pop()[2] == {"synthetic": 5}
     main(["sample", "--set", "sample.classes=[1,2]"])
     module, cfg, flags = stub.pop()
-    assert module == "sample" and cfg.sample.classes == [1, 2] and flags == {}
+    assert module == "sample" and cfg.sample.classes == [1, 2] and flags == {"export": None}
+    main(["sample", "--export", "runs/flow/flow.safetensors", "--set", "generator=flow"])
+    module, cfg, flags = stub.pop()
+    assert cfg.generator == "flow" and flags == {"export": "runs/flow/flow.safetensors"}
 
 
 def test_daily_flags_are_validated_like_set_and_conflicts_are_errors(capsys, stub):
