@@ -31,6 +31,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -134,7 +135,9 @@ def load_payload(path: str | Path, fmt: str | None, made_by: str, what: str = ""
         raise UserError(f"{label} '{path}' not found: run `fae-pipe {made_by}` first" if what else
                         f"{path} not found: run `fae-pipe {made_by}` first")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if found:
