@@ -40,7 +40,7 @@ from fae_pipe.fae.evaluation import evaluate_decoder, load_eval_set
 from fae_pipe.fae.objectives import DecoderObjective, noise_features
 from fae_pipe.metrics.image import build_lpips
 from fae_pipe.models.layers import set_attention_backend
-from fae_pipe.models.registry import create_model, fae_parts
+from fae_pipe.models.registry import create_model, fae_families_for, fae_parts
 from fae_pipe.training.trainer import Trainer, adamw
 
 STAGE = "train-decoder"
@@ -53,7 +53,8 @@ def build_decoder(cfg: Config, dim: int, grid, image_size: int):
     if pdec.in_dim != dim or (pdec.grid_size, pdec.grid_size) != tuple(grid):
         raise UserError(f"config error: fae.model = {cfg.fae.model!r} is invalid for this feature store: its pixel "
                         f"decoder takes {pdec.grid_size}x{pdec.grid_size}x{pdec.in_dim} features, the store holds "
-                        f"{grid[0]}x{grid[1]}x{dim}")
+                        f"{grid[0]}x{grid[1]}x{dim} (families for {dim}-d: "
+                        f"{', '.join(fae_families_for(dim)) or 'none registered'})")
     if pdec.image_size != image_size:
         raise UserError(f"config error: fae.model = {cfg.fae.model!r} is invalid: its pixel decoder outputs "
                         f"{pdec.image_size} px, the features were extracted from {image_size} px crops")

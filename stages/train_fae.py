@@ -26,7 +26,7 @@ from fae_pipe.fae.evaluation import feature_metrics
 from fae_pipe.fae.objectives import feature_loss
 from fae_pipe.models.fae_encoder import DiagonalGaussian
 from fae_pipe.models.layers import set_attention_backend
-from fae_pipe.models.registry import create_model, fae_parts
+from fae_pipe.models.registry import create_model, fae_families_for, fae_parts
 from fae_pipe.training.trainer import Trainer
 
 STAGE = "train-fae"
@@ -40,7 +40,8 @@ def build_module(family: str, dim: int, grid) -> tuple[FeatureAutoencoderModule,
     fdec = create_model(names["feature_decoder"])
     if encoder.in_dim != dim or fdec.out_dim != dim:
         raise UserError(f"config error: fae.model = {family!r} is invalid for this feature store: it expects "
-                        f"{encoder.in_dim}-d features, the store holds {dim}-d ones; pick the family of the encoder")
+                        f"{encoder.in_dim}-d features, the store holds {dim}-d ones; pick the family of the encoder: "
+                        f"{', '.join(fae_families_for(dim)) or f'none is registered for {dim}-d (docs/encoders.md)'}")
     pos = fdec.learned_pos_grid
     if pos is not None and tuple(grid) != (pos, pos):
         raise UserError(f"config error: fae.model = {family!r} is invalid for this feature store: its feature "
