@@ -144,12 +144,20 @@ def entries(stage: dict, *sections: str) -> list[str]:
     return [e if isinstance(e, str) else next(iter(e)) for s in sections for e in stage.get(s) or []]
 
 
-def commands(stage: dict) -> list[str]:
-    """The fae-pipe command(s) a stage runs: ``train-${generator}`` is every generator's (config choices)."""
+def variants(stage: dict) -> list[tuple[str, str | None]]:
+    """(fae-pipe command, generator) pairs a stage can run: ``train-${generator}`` is one per generator choice."""
     argv = shlex.split(stage["cmd"])
-    names = [argv[1].replace("${generator}", g) for g in GENERATORS] if "${generator}" in argv[1] else [argv[1]]
-    assert argv[0] == "fae-pipe" and all(n in COMMANDS for n in names), f"not a fae-pipe stage command: {stage['cmd']}"
-    return names
+    if "${generator}" in argv[1]:
+        pairs = [(argv[1].replace("${generator}", g), g) for g in GENERATORS]
+    else:
+        pairs = [(argv[1], None)]
+    assert argv[0] == "fae-pipe" and all(c in COMMANDS for c, _ in pairs), f"not a fae-pipe stage command: {stage['cmd']}"
+    return pairs
+
+
+def commands(stage: dict) -> list[str]:
+    """The fae-pipe command(s) a stage runs (every generator's, for ``train-${generator}``)."""
+    return [c for c, _ in variants(stage)]
 
 
 def stage_modules(stage: dict) -> list[str]:
@@ -203,21 +211,23 @@ def param_problems(dvc: dict) -> list[str]:
     """One line per params entry params.yaml lacks, or config section a stage reads but does not list."""
     problems = []
     for name, stage in dvc["stages"].items():
-        declared = []  # existing keys of params.yaml, the file `fae-pipe <cmd>` reads
-        for e in stage.get("params") or []:
-            files = e if isinstance(e, dict) else {"params.yaml": [e]}  # `- other.yaml: [keys]` names another file
-            for file, keys in files.items():
-                for k in keys or []:
-                    if not has_key(load_yaml(file), k):
-                        problems.append(f"dvc.yaml stage '{name}' lists param '{k}', which {file} does not have")
-                    elif file == "params.yaml":
-                        declared.append(k)
-        for section in dict.fromkeys(s for c in commands(stage) for s in COMMANDS[c][1]):
-            if section not in UNTRACKED_SECTIONS and not any(p == section or p.startswith(section + ".")
-                                                             for p in declared):
-                problems.append(f"dvc.yaml stage '{name}' reads config section '{section}' but lists neither it "
-                                f"nor a key of it under params")
-    return problems
+        for command, generator in variants(stage):  # ``${generator}`` in a param expands as DVC expands it
+            declared = []  # existing keys of params.yaml, the file `fae-pipe <cmd>` reads
+            for e in stage.get("params") or []:
+                files = e if isinstance(e, dict) else {"params.yaml": [e]}  # `- other.yaml: [keys]`: another file
+                for file, keys in files.items():
+                    for k in keys or []:
+                        k = k.replace("${generator}", generator) if generator else k
+                        if not has_key(load_yaml(file), k):
+                            problems.append(f"dvc.yaml stage '{name}' lists param '{k}', which {file} does not have")
+                        elif file == "params.yaml":
+                            declared.append(k)
+            for section in COMMANDS[command][1]:
+                if section not in UNTRACKED_SECTIONS and not any(p == section or p.startswith(section + ".")
+                                                                 for p in declared):
+                    problems.append(f"dvc.yaml stage '{name}' reads config section '{section}' but lists neither "
+                                    f"it nor a key of it under params")
+    return list(dict.fromkeys(problems))
 
 
 def test_dvc_yaml_lists_every_code_and_data_dep():
@@ -273,8 +283,9 @@ def test_has_key_walks_sections_and_nested_groups():
 @pytest.mark.parametrize("stage, old, new, expected", [
     ("evaluate", "image_encoder", None,
      ["dvc.yaml stage 'evaluate' reads config section 'image_encoder' but lists neither it nor a key of it"]),
-    ("train-sit", "sit", "sit.train.lr", []),  # one key of the section is enough
-    ("train-sit", "sit", None, ["dvc.yaml stage 'train-sit' reads config section 'sit' but"]),
+    ("train-fae", "fae", "fae.train.lr", []),  # one key of the section is enough
+    ("train-sit", "${generator}", None, ["dvc.yaml stage 'train-sit' reads config section 'sit' but",
+                                         "dvc.yaml stage 'train-sit' reads config section 'flow' but"]),
     ("extract", "image_encoder", "encoder",
      ["dvc.yaml stage 'extract' lists param 'encoder', which params.yaml does not have",
       "dvc.yaml stage 'extract' reads config section 'image_encoder' but"]),
