@@ -68,6 +68,36 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], fsync: bool = 
     return path
 
 
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling directory of ``path``, then rename it into place.
+
+    For artefacts that are directories (a written model + tokenizer, a generated data set):
+    readers see the old directory or the whole new one, never half of either. An existing
+    ``path`` is replaced (moved aside, then removed); a failed ``write`` leaves ``path`` as it was.
+    """
+    import shutil
+    import uuid
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if path.exists():
+            old = tmp.with_name(tmp.name + "-old")
+            os.rename(path, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, path)
+    except BaseException as e:
+        friendly = disk_write_error(path, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if friendly is not None:
+            raise friendly from None
+        raise
+    return path
+
+
 # errno -> what the user reads; these are the write failures a user fixes (space, mounts, permissions)
 _DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",

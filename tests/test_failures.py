@@ -382,3 +382,19 @@ def test_encode_on_a_full_disk_stops_in_one_line_and_the_same_command_finishes(t
     assert got.attrs["complete"] is True
     for n in names:
         assert np.array_equal(np.asarray(got[n][:]).view(np.uint8), np.asarray(ref[n][:]).view(np.uint8)), n
+
+
+def test_atomic_write_dir_replaces_whole_or_leaves_the_old_directory(tmp_path):
+    target = tmp_path / "model"
+    artifacts.atomic_write_dir(target, lambda d: (d / "a.txt").write_text("old"))
+
+    def half_then_fail(d):
+        (d / "a.txt").write_text("new")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        artifacts.atomic_write_dir(target, half_then_fail)
+    assert [p.name for p in target.iterdir()] == ["a.txt"] and (target / "a.txt").read_text() == "old"
+    artifacts.atomic_write_dir(target, lambda d: (d / "b.txt").write_text("new"))
+    assert [p.name for p in target.iterdir()] == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary siblings left

@@ -15,7 +15,7 @@ the reference images for FD on held-out captions.
 Layout written (the "manifest" source of the caption index): ``images/<id>.png`` and
 ``manifest.jsonl`` with one row per image: ``path``, ``captions`` (three phrasings, as
 COCO has several per image), the attributes and ``heldout``. Built in a temporary
-sibling and renamed into place, with the parameters recorded in the manifest's marker;
+sibling and renamed into place (``artifacts.atomic_write_dir``), with the parameters recorded in the manifest's marker;
 an identical set is left alone. Deterministic: scene ``i`` draws from
 ``default_rng([seed, i])``.
 """
@@ -23,14 +23,12 @@ an identical set is left alone. Deterministic: scene ``i`` draws from
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from fae_pipe.artifacts import atomic_write_dir
 from fae_pipe.errors import UserError
 
 GENERATOR = "fae-pipe-caption-demo/1"
@@ -109,10 +107,9 @@ def write_caption_demo(root, n: int = 2000, size: int = 64, seed: int = 0) -> Pa
     if root.exists() and any(root.iterdir()) and not marker.exists():
         raise UserError(f"data.root '{root}' exists and is not a caption demo set written by fae-pipe "
                         f"(no {MARKER}): refusing to overwrite it; use an empty or new directory")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    (tmp / "images").mkdir(parents=True)
-    try:
+
+    def write(tmp: Path) -> None:
+        (tmp / "images").mkdir()
         width = len(str(n - 1))
         with open(tmp / "manifest.jsonl", "w", encoding="utf-8") as out:
             for i in range(n):
@@ -124,9 +121,6 @@ def write_caption_demo(root, n: int = 2000, size: int = 64, seed: int = 0) -> Pa
                        "count": s["count"], "background": s["background"], "heldout": s["heldout"]}
                 out.write(json.dumps(row) + "\n")
         (tmp / MARKER).write_text(json.dumps(_params(n, size, seed)) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_dir(root, write)
     return root

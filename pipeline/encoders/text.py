@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from fae_pipe.artifacts import atomic_write_dir
 from fae_pipe.device import pick_device
 from fae_pipe.errors import UserError
 
@@ -124,10 +125,6 @@ def write_random_text_encoder(directory, captions, width: int = 64, layers: int 
     Deterministic: the same captions and seed give the same files. Written to a temporary
     sibling and renamed into place, so a killed writer never leaves half a model.
     """
-    import os
-    import shutil
-    import uuid
-
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
@@ -143,14 +140,11 @@ def write_random_text_encoder(directory, captions, width: int = 64, layers: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = T5EncoderModel(config).eval()
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         fast.save_pretrained(str(tmp))
         (tmp / RANDOM_MARKER).write_text(json.dumps({"seed": seed, "width": width, "layers": layers}) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write_dir(directory, write)
     return directory
