@@ -64,7 +64,7 @@ def _image_pool(seed: int) -> list[bytes]:
 
 
 def write_folder(root: Path, classes: int, per_class: int, seed: int = 0) -> int:
-    """ImageNet-shaped folder ``root/nXXXXXXXX/nXXXXXXXX_<i>.png``; skipped when complete. Returns files."""
+    """ImageNet-shaped folder ``root/n<8 digits>/n<8 digits>_<i>.png``; skipped when complete. Returns files."""
     from tqdm import tqdm
 
     marker = root / ".complete"
