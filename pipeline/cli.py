@@ -234,6 +234,8 @@ class StageCommand(click.Command):
         self.format_epilog(ctx, formatter)
 
     def format_keys(self, ctx, formatter):
+        if not self.stage.sections:  # e.g. bench scale: it writes its own project config
+            return
         cfg, source = current_config(ctx.params.get("config_file"))
         groups = []
         for section in self.stage.sections:

@@ -233,3 +233,11 @@ def test_real_entry_point_one_line_errors_and_help(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "sit.train.lr = 0.0001" in shown.stdout and "does not load" in shown.stdout
     assert shown.stdout.strip().endswith("HEAVY []")
+
+
+@pytest.mark.parametrize("argv", [[name] for name in COMMANDS] + [["bench", name] for name in BENCHES],
+                         ids=lambda argv: " ".join(argv))
+def test_every_command_has_help(cwd, argv):
+    """A new user's first call: every stage and bench prints its help (bench scale reads no config keys)."""
+    out = help_text(*argv)
+    assert "Usage:" in out and "--help" in out
