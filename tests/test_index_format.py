@@ -78,3 +78,27 @@ def test_path_column_is_a_sequence_of_str_without_a_str_per_row():
         col[3]
     with pytest.raises(ValueError, match="offsets"):
         PathColumn(b"abc", np.array([0, 5]))
+
+
+def test_caption_column_round_trips_in_both_formats_and_owns_part_of_the_fingerprint(tmp_path):
+    plain = small_index(5)
+    caps = [["two red circles", "red circles, two"], [], ["ünïcode caption"], ["a", "b", "c"], ["x"]]
+    index = DatasetIndex(**{k: getattr(plain, k) for k in ("root", "classes", "paths", "labels", "sizes", "holdout",
+                                                           "seed", "holdout_fraction")}, captions=caps)
+    assert index.captions.to_lists() == caps and index.captions.of(3) == ["a", "b", "c"] and index.captions.of(1) == []
+    assert index.captions.counts.tolist() == [2, 0, 1, 3, 1]
+    assert index.fingerprint != plain.fingerprint  # captions are part of the dataset
+    for name in ("index.npz", "index.json"):
+        back = read_index(write_index(index, tmp_path / name))
+        assert back.captions == index.captions and back.fingerprint == index.fingerprint, name
+    edited = [list(c) for c in caps]
+    edited[2] = ["another caption"]
+    assert DatasetIndex(**{k: getattr(index, k) for k in ("root", "classes", "paths", "labels", "sizes", "holdout",
+                                                          "seed", "holdout_fraction")},
+                        captions=edited).fingerprint != index.fingerprint
+    # a class-labelled index stays byte-compatible: no caption columns, the first format's fingerprint
+    with np.load(write_index(plain, tmp_path / "plain.npz")) as z:
+        assert not any(f.startswith("caption") for f in z.files)
+    assert read_index(tmp_path / "plain.npz").captions is None
+    with pytest.raises(ValueError, match="captions for 4"):
+        DatasetIndex(root="r", classes=["c"], paths=["a", "b", "c", "d", "e"], labels=[0] * 5, captions=caps[:4])

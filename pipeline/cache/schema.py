@@ -1,8 +1,8 @@
 """The layout of the zarr caches: the one place that names arrays, dimensions and attrs,
 and the one module that opens existing zarr groups (``open_group``, ``open_store``).
 
-Both stores (``features.zarr`` written by ``extract``, ``latents.zarr`` written by
-``encode``) are plain zarr v3 groups that anyone can open with ``zarr`` or
+The stores (``features.zarr`` written by ``extract``, ``latents.zarr`` written by
+``encode``, ``text.zarr`` written by ``embed-text``) are plain zarr v3 groups that anyone can open with ``zarr`` or
 ``dask.array.from_zarr``; this module is the contract the writers and the training
 readers share. Every per-sample array is split along ``sample`` into storage shards
 of ``shard_samples`` rows (each written whole by one writer) holding inner chunks of
@@ -29,7 +29,8 @@ SCHEMA_VERSION = 1
 
 KIND_FEATURES = "features"
 KIND_LATENTS = "latents"
-KINDS = (KIND_FEATURES, KIND_LATENTS)
+KIND_TEXT = "text"
+KINDS = (KIND_FEATURES, KIND_LATENTS, KIND_TEXT)
 
 # array names
 FEATURES = "features"
@@ -39,6 +40,10 @@ STD = "std"
 LABELS = "labels"
 SAMPLE_IDS = "sample_ids"
 VALID = "valid"
+# text stores: per sample, up to ``captions_per_sample`` captions (index order; unused slots have length 0)
+TOKENS = "tokens"  # token embeddings, zero past each caption's length
+LENGTHS = "lengths"  # real tokens per caption (0: no caption in that slot)
+POOLED = "pooled"  # the encoder's pooled vector (CLIP, SigLIP), absent for T5
 
 # dimension names, per array
 DIMENSIONS: dict[str, tuple[str, ...]] = {
@@ -46,15 +51,23 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     CLS: ("sample", "view", "channel"),
     LATENTS: ("sample", "view", "channel", "height", "width"),
     STD: ("sample", "view", "channel", "height", "width"),
+    TOKENS: ("sample", "caption", "token", "channel"),
+    LENGTHS: ("sample", "caption"),
+    POOLED: ("sample", "caption", "channel"),
     LABELS: ("sample",),
     SAMPLE_IDS: ("sample",),
     VALID: ("sample",),
 }
 DTYPES: dict[str, str] = {
     FEATURES: "float16", CLS: "float16", LATENTS: "float16", STD: "float16",
+    TOKENS: "float16", LENGTHS: "int32", POOLED: "float16",
     LABELS: "int64", SAMPLE_IDS: "int64", VALID: "bool",
 }
-FLOAT_ARRAYS = (FEATURES, CLS, LATENTS, STD)
+FLOAT_ARRAYS = (FEATURES, CLS, LATENTS, STD, TOKENS, POOLED)
+# text stores only: the empty caption's embedding (classifier-free guidance), stored once, written at creation
+EMPTY_TOKENS = "empty_tokens"
+EMPTY_POOLED = "empty_pooled"
+EMPTY_DIMENSIONS: dict[str, tuple[str, ...]] = {EMPTY_TOKENS: ("token", "channel"), EMPTY_POOLED: ("channel",)}
 
 # group attrs keys (written only by the coordinating process)
 A_SCHEMA_VERSION = "schema_version"
@@ -105,6 +118,12 @@ LATENT_SOURCES = (SOURCE_FAE, SOURCE_SDVAE)
 # VAE stores: the pixels the VAE saw (the ADM crop itself, no resize) and their range
 VAE_RESIZE_POLICY = "none"
 VAE_INPUT_RANGE = [-1.0, 1.0]
+
+# text stores only (written by ``embed-text``)
+A_TEXT_ENCODER = "text_encoder"  # ``FrozenTextEncoder.describe()``: tower, directory fingerprint, random flag
+A_MAX_LENGTH = "max_length"  # tokens per caption (padded / truncated to it)
+A_CAPTIONS_PER_SAMPLE = "captions_per_sample"  # caption slots per sample (the index's largest count)
+A_EMPTY_LENGTH = "empty_length"  # real tokens of the empty caption
 
 # Values of the ``crop`` / ``resize`` attrs of feature stores. They name the one pixel
 # chain of ``fae_pipe.data.transforms``: ADM centre crop (BOX halving, then BICUBIC to
@@ -222,6 +241,29 @@ def create_latent_store(path, n: int, views: int, channels: int, grid, shard_sam
         shapes[STD] = (views, channels, h, w)
     shapes.update({LABELS: (), SAMPLE_IDS: (), VALID: ()})
     return _create_store(path, KIND_LATENTS, shapes, n, shard_samples, chunk_samples, meta)
+
+
+def create_text_store(path, n: int, captions_per_sample: int, max_length: int, dim: int, shard_samples: int,
+                      chunk_samples: int, attrs: dict, empty_tokens: np.ndarray, empty_length: int,
+                      empty_pooled: np.ndarray | None = None) -> zarr.Group:
+    """Create an empty ``text.zarr``: caption token embeddings, lengths (and pooled vectors) per sample,
+    plus the empty caption's embedding, written here once (it belongs to no shard)."""
+    k, t, d = int(captions_per_sample), int(max_length), int(dim)
+    if empty_tokens.shape != (t, d) or (empty_pooled is not None and empty_pooled.shape != (d,)):
+        raise ValueError(f"empty caption embedding {empty_tokens.shape} does not match ({t}, {d})")
+    meta = dict(attrs, **{A_MAX_LENGTH: t, A_CAPTIONS_PER_SAMPLE: k, A_EMPTY_LENGTH: int(empty_length)})
+    shapes = {TOKENS: (k, t, d), LENGTHS: (k,)}
+    if empty_pooled is not None:
+        shapes[POOLED] = (k, d)
+    shapes.update({SAMPLE_IDS: (), VALID: ()})
+    group = _create_store(path, KIND_TEXT, shapes, n, shard_samples, chunk_samples, meta)
+    empties = {EMPTY_TOKENS: empty_tokens} if empty_pooled is None else {EMPTY_TOKENS: empty_tokens,
+                                                                         EMPTY_POOLED: empty_pooled}
+    for name, value in empties.items():
+        arr = group.create_array(name, shape=value.shape, dtype="float16", compressors=COMPRESSORS,
+                                 dimension_names=EMPTY_DIMENSIONS[name], fill_value=0)
+        arr[...] = np.asarray(value, np.float16)
+    return consolidate(path)
 
 
 def open_group(path, mode: str = "r", what: str = "a zarr v3 store",

@@ -21,6 +21,13 @@ and the root are left out on purpose: a copied or moved dataset keeps its
 fingerprint, while adding, removing, renaming, relabelling or resizing any file, or
 changing the split, changes it.
 
+Captions (text-to-image sources, ``fae_pipe.data.captions``): an optional column of
+several captions per sample, stored like the paths (one UTF-8 blob + offsets) plus
+``caption_starts`` (sample i owns captions ``starts[i]:starts[i+1]``). A class-labelled
+index has no such column and its file, columns and fingerprint are exactly as before;
+a captioned index's fingerprint also covers every caption (``compute_fingerprint``), so
+editing one caption marks every cache made from it stale.
+
 Sample ids are the row numbers and are not stored. ``root`` is kept as given (often
 relative to the project directory, where DVC runs the stages); ``abspath`` joins it.
 
@@ -50,6 +57,7 @@ INDEX_SCHEMA = "fae-pipe-index/2"  # binary columnar .npz
 JSON_SCHEMA = "fae-pipe-index/1"  # the first format: one JSON document (read; written for .json paths)
 FINGERPRINT_SCHEMA = JSON_SCHEMA  # part of every fingerprint: fixed, so a new file format keeps them
 _COLUMNS = ("path_bytes", "path_offsets", "label", "size", "holdout")
+_CAPTION_COLUMNS = ("caption_bytes", "caption_offsets", "caption_starts")  # present only in captioned indexes
 LARGE_JSON_INDEX = 100_000  # samples beyond which prepare says the JSON format costs every process
 
 
@@ -101,6 +109,66 @@ class PathColumn(Sequence):
         return f"PathColumn({len(self)} paths)"
 
 
+class CaptionColumn:
+    """Several captions per sample: all captions as one ``PathColumn`` plus per-sample starts.
+
+    ``of(i)`` is sample ``i``'s list of captions (possibly empty), ``counts`` the number per
+    sample; no Python string exists per caption until one is asked for.
+    """
+
+    def __init__(self, texts: PathColumn, starts: np.ndarray):
+        self.texts = texts
+        self.starts = np.asarray(starts, dtype=np.int64)
+        if self.starts.ndim != 1 or not len(self.starts) or self.starts[0] != 0 \
+                or self.starts[-1] != len(texts) or (np.diff(self.starts) < 0).any():
+            raise ValueError("caption starts do not describe the caption column")
+
+    @classmethod
+    def from_lists(cls, captions) -> "CaptionColumn":
+        """From one list of caption strings per sample."""
+        flat, counts = [], []
+        for caps in captions:
+            caps = [caps] if isinstance(caps, str) else list(caps)
+            flat.extend(caps)
+            counts.append(len(caps))
+        starts = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        return cls(PathColumn.from_strings(flat), starts)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def of(self, i: int) -> list[str]:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range (0..{len(self) - 1})")
+        return [self.texts[j] for j in range(int(self.starts[i]), int(self.starts[i + 1]))]
+
+    def to_lists(self) -> list[list[str]]:
+        texts = list(self.texts)
+        return [texts[a:b] for a, b in zip(self.starts[:-1].tolist(), self.starts[1:].tolist())]
+
+    def sha256(self) -> str:
+        """sha256 over every sample's captions, in order (the part of the fingerprint they own)."""
+        h = hashlib.sha256(b"captions\n")
+        for a, b in ((self.texts.offsets, self.texts.blob), (self.starts, None)):
+            h.update(memoryview(np.ascontiguousarray(a.astype("<i8"))).cast("B"))
+            if b is not None:
+                h.update(memoryview(np.ascontiguousarray(b)).cast("B"))
+        return h.hexdigest()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CaptionColumn) and self.texts == other.texts \
+            and np.array_equal(self.starts, other.starts)
+
+    def __repr__(self) -> str:
+        return f"CaptionColumn({len(self)} samples, {len(self.texts)} captions)"
+
+
 def _file_rank(seed: int, relpath: str) -> int:
     """First 8 bytes of sha256(seed, relpath) as an integer: the file's place in the split draw."""
     return int.from_bytes(hashlib.sha256(f"{seed}\0{relpath}".encode()).digest()[:8], "big")
@@ -127,14 +195,21 @@ def stratified_holdout(paths: list[str], labels: np.ndarray, fraction: float, se
     return mask
 
 
-def compute_fingerprint(paths, sizes, labels, holdout, seed: int, fraction: float) -> str:
-    """sha256 hex over the dataset content that matters (see module docstring)."""
+def compute_fingerprint(paths, sizes, labels, holdout, seed: int, fraction: float,
+                        captions: CaptionColumn | None = None) -> str:
+    """sha256 hex over the dataset content that matters (see module docstring).
+
+    Without captions, exactly the first format's fingerprint; with captions, the sha256 of
+    that fingerprint and ``captions.sha256()``.
+    """
     header = f"{FINGERPRINT_SCHEMA}\nseed={int(seed)}\nholdout_fraction={float(fraction)!r}\n"
     h = hashlib.sha256(header.encode())
     rows = zip(paths, np.asarray(sizes).tolist(), np.asarray(labels).tolist(), np.asarray(holdout, bool).tolist())
     while block := list(islice(rows, 65536)):  # hashed in blocks: no 1.28M-row string in memory
         h.update("".join(f"{p}\t{s}\t{lab}\t{int(ho)}\n" for p, s, lab, ho in block).encode())
-    return h.hexdigest()
+    if captions is None:
+        return h.hexdigest()
+    return hashlib.sha256(f"{h.hexdigest()}\n{captions.sha256()}\n".encode()).hexdigest()
 
 
 @dataclass
@@ -152,6 +227,7 @@ class DatasetIndex:
     fingerprint: str = ""
     failures: list[dict] = field(default_factory=list)
     ids: np.ndarray | None = None
+    captions: CaptionColumn | None = None  # lists of str per sample are accepted and converted
 
     def __post_init__(self):
         if not isinstance(self.paths, PathColumn):
@@ -165,6 +241,10 @@ class DatasetIndex:
         if self.ids is not None and not np.array_equal(np.asarray(self.ids), ids):
             raise ValueError("DatasetIndex ids are the row numbers 0..N-1")
         self.ids = ids
+        if self.captions is not None and not isinstance(self.captions, CaptionColumn):
+            self.captions = CaptionColumn.from_lists(self.captions)
+        if self.captions is not None and len(self.captions) != n:
+            raise ValueError(f"DatasetIndex has {n} samples but captions for {len(self.captions)}")
         if not self.fingerprint:
             self.fingerprint = self.recompute_fingerprint()
 
@@ -177,7 +257,7 @@ class DatasetIndex:
 
     def recompute_fingerprint(self) -> str:
         return compute_fingerprint(self.paths, self.sizes, self.labels, self.holdout,
-                                   self.seed, self.holdout_fraction)
+                                   self.seed, self.holdout_fraction, self.captions)
 
     def holdout_mask(self) -> np.ndarray:
         return self.holdout.copy()
@@ -193,7 +273,7 @@ class DatasetIndex:
         return os.path.join(self.root, *self.paths[int(i)].split("/"))
 
     def to_json(self) -> dict:
-        return {
+        doc = {
             "schema": JSON_SCHEMA,
             "root": self.root,
             "classes": list(self.classes),
@@ -209,6 +289,9 @@ class DatasetIndex:
             },
             "failures": list(self.failures),
         }
+        if self.captions is not None:
+            doc["samples"]["captions"] = self.captions.to_lists()
+        return doc
 
 
 def _header(index: DatasetIndex) -> dict:
@@ -218,15 +301,22 @@ def _header(index: DatasetIndex) -> dict:
 
 
 def _column_arrays(index: DatasetIndex) -> dict[str, np.ndarray]:
-    return {"path_bytes": index.paths.blob, "path_offsets": index.paths.offsets,
-            "label": index.labels.astype(np.int64), "size": index.sizes.astype(np.int64),
-            "holdout": index.holdout.astype(np.uint8)}
+    arrays = {"path_bytes": index.paths.blob, "path_offsets": index.paths.offsets,
+              "label": index.labels.astype(np.int64), "size": index.sizes.astype(np.int64),
+              "holdout": index.holdout.astype(np.uint8)}
+    if index.captions is not None:
+        arrays.update(caption_bytes=index.captions.texts.blob, caption_offsets=index.captions.texts.offsets,
+                      caption_starts=index.captions.starts)
+    return arrays
 
 
 def _columns_sha256(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over the column bytes (C speed): the read-time check that replaces re-fingerprinting."""
+    """sha256 over the column bytes (C speed): the read-time check that replaces re-fingerprinting.
+
+    Covers the caption columns when present; an index without them hashes exactly as before.
+    """
     h = hashlib.sha256()
-    for name in _COLUMNS:
+    for name in _COLUMNS + tuple(c for c in _CAPTION_COLUMNS if c in arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape}\n".encode())
         h.update(memoryview(a).cast("B"))
@@ -275,20 +365,27 @@ def _read_npz(path: Path) -> DatasetIndex:
     try:
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(bytes(z["header"]).decode("utf-8"))
-            arrays = {name: z[name] for name in _COLUMNS}
+            arrays = {name: z[name] for name in _COLUMNS + _CAPTION_COLUMNS if name in z.files}
     except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as e:
         raise _corrupt(path, f"unreadable binary index: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict) or header.get("schema") != INDEX_SCHEMA:
         raise _corrupt(path, f"expected schema {INDEX_SCHEMA}")
     if header.get("columns_sha256") != _columns_sha256(arrays):
         raise _corrupt(path, "its columns do not match their checksum")
+    missing = [name for name in _COLUMNS if name not in arrays]
+    if missing or 0 < sum(name in arrays for name in _CAPTION_COLUMNS) < len(_CAPTION_COLUMNS):
+        raise _corrupt(path, f"columns missing: {', '.join(missing) or 'part of the caption columns'}")
     n = header.get("num_samples")
     if not (len(arrays["label"]) == len(arrays["size"]) == len(arrays["holdout"]) == len(arrays["path_offsets"]) - 1
             == n):
         raise _corrupt(path, "column lengths differ")
     try:
+        captions = None
+        if "caption_starts" in arrays:
+            captions = CaptionColumn(PathColumn(arrays["caption_bytes"], arrays["caption_offsets"]),
+                                     arrays["caption_starts"])
         return DatasetIndex(
-            root=str(header["root"]), classes=[str(c) for c in header["classes"]],
+            root=str(header["root"]), classes=[str(c) for c in header["classes"]], captions=captions,
             paths=PathColumn(arrays["path_bytes"], arrays["path_offsets"]), labels=arrays["label"],
             sizes=arrays["size"], holdout=arrays["holdout"].astype(bool), seed=int(header["seed"]),
             holdout_fraction=float(header["holdout_fraction"]), fingerprint=str(header["fingerprint"]),
@@ -311,7 +408,7 @@ def _read_json(path: Path) -> DatasetIndex:
             root=str(doc["root"]), classes=[str(c) for c in doc["classes"]], paths=[str(p) for p in s["path"]],
             labels=s["label"], sizes=s["size"], holdout=s["holdout"], seed=int(doc["seed"]),
             holdout_fraction=float(doc["holdout_fraction"]), fingerprint=str(doc["fingerprint"]),
-            failures=list(doc.get("failures", [])),
+            failures=list(doc.get("failures", [])), captions=s.get("captions"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise _corrupt(path, f"missing or invalid field {e}") from None
