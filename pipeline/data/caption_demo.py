@@ -14,7 +14,9 @@ the reference images for FD on held-out captions.
 
 Layout written (the "manifest" source of the caption index): ``images/<id>.png`` and
 ``manifest.jsonl`` with one row per image: ``path``, ``captions`` (three phrasings, as
-COCO has several per image), the attributes and ``heldout``. Built in a temporary
+COCO has several per image), the attributes and ``heldout``; and ``prompts.jsonl``, the
+evaluation prompts (``prompt_set``): every colour-shape pair, seen and held out, with
+the attributes the oracle checks. Built in a temporary
 sibling and renamed into place (``artifacts.atomic_write_dir``), with the parameters recorded in the manifest's marker;
 an identical set is left alone. Deterministic: scene ``i`` draws from
 ``default_rng([seed, i])``.
@@ -31,7 +33,7 @@ from PIL import Image
 from fae_pipe.artifacts import atomic_write_dir
 from fae_pipe.errors import UserError
 
-GENERATOR = "fae-pipe-caption-demo/1"
+GENERATOR = "fae-pipe-caption-demo/2"  # /2: prompts.jsonl written too
 MARKER = ".fae-caption-demo.json"
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
            "yellow": (235, 215, 40), "magenta": (215, 50, 205), "cyan": (40, 215, 225)}
@@ -94,6 +96,24 @@ def render(s: dict, size: int) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def prompt_set(per_pair: int = 2) -> list[dict]:
+    """Evaluation prompts: ``per_pair`` for each of the 18 colour-shape pairs (12 seen, 6 held out).
+
+    Count and background cycle over the pairs so every value appears; the caption is the
+    first template's. Rows carry the attributes (``colour``, ``shape``, ``count``,
+    ``background``, ``heldout``) the oracle compares a generated image with.
+    """
+    rows, k = [], 0
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for _ in range(per_pair):
+                count, background = 1 + k % len(COUNTS), list(BACKGROUNDS)[(k // len(COUNTS)) % len(BACKGROUNDS)]
+                rows.append({"prompt": caption(colour, shape, count, background), "colour": colour, "shape": shape,
+                             "count": count, "background": background, "heldout": (colour, shape) in HELD_OUT})
+                k += 1
+    return rows
+
+
 def _params(n: int, size: int, seed: int) -> dict:
     return {"generator": GENERATOR, "images": int(n), "size": int(size), "seed": int(seed)}
 
@@ -120,6 +140,7 @@ def write_caption_demo(root, n: int = 2000, size: int = 64, seed: int = 0) -> Pa
                 row = {"path": rel, "captions": caps, "colour": s["colour"], "shape": s["shape"],
                        "count": s["count"], "background": s["background"], "heldout": s["heldout"]}
                 out.write(json.dumps(row) + "\n")
+        (tmp / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompt_set()), encoding="utf-8")
         (tmp / MARKER).write_text(json.dumps(_params(n, size, seed)) + "\n")
 
     atomic_write_dir(root, write)

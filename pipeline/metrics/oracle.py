@@ -65,3 +65,25 @@ def accuracy(images, targets: list[dict]) -> dict:
         hits["all"] += all(ok.values())
     n = max(1, len(targets))
     return {k: v / n for k, v in hits.items()} | {"images": len(targets)}
+
+
+def by_split(images, prompt_ids, prompts: list[dict]) -> dict | None:
+    """Oracle accuracy of generated images against their prompts' attributes, for seen and held-out prompts.
+
+    ``prompt_ids[i]`` is the prompt image ``i`` was generated from; prompts without the
+    attributes (a user's own prompts) are not scored. None when no prompt has them.
+    """
+    keys = ("colour", "shape", "count")
+    scored = [i for i, p in enumerate(prompts) if all(k in p for k in keys)]
+    if not scored:
+        return None
+    ids = np.asarray(prompt_ids, np.int64)
+    out = {}
+    for split, want in (("seen", False), ("heldout", True)):
+        chosen = {i for i in scored if bool(prompts[i].get("heldout", False)) == want}
+        rows = [r for r, i in enumerate(ids.tolist()) if i in chosen]
+        if rows:
+            out[split] = accuracy([images[r] for r in rows], [prompts[int(ids[r])] for r in rows]) \
+                | {"prompts": len(chosen)}
+    out["chance"] = {"colour": 1 / len(_NAMES), "shape": 1 / len(FILL), "count": 1 / 3}
+    return out

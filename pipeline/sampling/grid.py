@@ -32,15 +32,19 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
 
 
 def make_grid(images: np.ndarray, labels: np.ndarray, classes: list[int], per_class: int,
-              names: list[str] | None = None) -> Image.Image:
-    """uint8 images (N, H, W, 3) with labels (N,) -> RGB grid image with a name strip per row."""
+              names: list[str] | None = None, strip_em: float = 12) -> Image.Image:
+    """uint8 images (N, H, W, 3) with labels (N,) -> RGB grid image with a name strip per row.
+
+    Text-to-image grids pass prompt numbers as labels and the prompts as names (one row per
+    prompt) with a wider strip (``strip_em``: its cap in font sizes).
+    """
     h, w = int(images.shape[1]), int(images.shape[2])
     font_size = max(10, min(24, h // 4))
     font = _font(font_size)
     texts = [f"{c}: {names[c]}" if names is not None and c < len(names) else str(c) for c in classes]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     widest = max((measure.textlength(t, font=font) for t in texts), default=0.0)
-    strip = int(min(widest, 12 * font_size)) + 4 * PAD
+    strip = int(min(widest, strip_em * font_size)) + 4 * PAD
     rows, cols = len(classes), per_class
     canvas = Image.new("RGB", (strip + cols * (w + PAD) + PAD, rows * (h + PAD) + PAD), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)

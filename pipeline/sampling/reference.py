@@ -177,12 +177,14 @@ class GenerationScorer:
     differ) the store encoder's, so callers can gather it like any feature matrix.
     """
 
-    def __init__(self, cfg, group, store: str, device):
+    def __init__(self, cfg, group, store: str, device, mask: np.ndarray | None = None):
+        """``mask``: store rows eligible as reference (default: every valid row; text-to-image: the held-out ones)."""
         self.ev, self.device = cfg.evaluate, device
         attrs = dict(group.attrs)
         self.record, self.encoder = build_checked_encoder(cfg.image_encoder, attrs, store, device)
         self.view = reference_view(group)
-        self.ref_rows = spread_rows(np.asarray(schema.read_array(group, schema.VALID), bool), self.ev.max_reference)
+        valid = np.asarray(schema.read_array(group, schema.VALID), bool)
+        self.ref_rows = spread_rows(valid if mask is None else valid & np.asarray(mask, bool), self.ev.max_reference)
         self.reference = read_view(group, schema.CLS, self.ref_rows, self.view[0])
         dinov2, self.dinov2_source = reference_dinov2(self.ev.reference_encoder, cfg.image_encoder, self.record, store,
                                                       device)
