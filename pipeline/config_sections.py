@@ -262,6 +262,8 @@ class Evaluate:
     max_reference: int = F(50_000, "reference images/features used at most", min=2)
     batch_size: int = F(64, "images per forward", min=1)
     recon_images: int = F(256, "held-out images for the FAE reconstruction metrics", min=2)
+    clip_weights: str = F("", "text-to-image: a local transformers CLIP directory for the CLIP score; empty = "
+                          "CLIP score reported unavailable (never computed with random weights)")
     reference_encoder: ImageEncoder = field(
         default_factory=lambda: ImageEncoder(name="", batch_size=64),
         metadata={"help": "the DINOv2 behind FD-DINOv2 when the feature store's encoder is not DINOv2 (e.g. "

@@ -17,6 +17,13 @@ Generation (``<samples>/samples.npz`` against the real data):
   (``evaluate.inception_weights``); otherwise ``null`` with a ``*_status`` saying why.
   FID's real statistics come from the same reference images, decoded from the index.
 
+Text-to-image samples (``samples.json`` with generator ``t2i``; ``arr_1`` = prompt numbers):
+``text_to_image`` adds FD-DINOv2 of the held-out prompts' samples against the held-out
+images (the index's held-out split: on the caption demo, the held-out colour-shape
+pairs), the oracle's colour / shape / count accuracy on seen and held-out prompts when
+the prompts carry attributes (``fae_pipe.metrics.oracle.by_split``), and the CLIP score
+with a local CLIP (``evaluate.clip_weights``; otherwise reported unavailable).
+
 Reconstruction (held-out images through the latent source the samples were decoded with,
 ``latent_source`` in ``samples.json``, copied from the latent store through the SiT export):
 FAE: feature store tokens -> FAE encoder (posterior mean) -> feature decoder -> pixel
@@ -147,7 +154,7 @@ def reconstruction(cfg: Config, group, scorer: GenerationScorer, view: tuple[int
 def run(cfg: Config) -> dict:
     t0, ev, paths = time.perf_counter(), cfg.evaluate, cfg.paths
     device = pick_device(cfg.image_encoder.device)
-    images, _ = load_samples(Path(paths.samples) / SAMPLES_FILE)
+    images, labels = load_samples(Path(paths.samples) / SAMPLES_FILE)
     if len(images) < 2:
         raise UserError(f"{Path(paths.samples) / SAMPLES_FILE} holds {len(images)} image(s); evaluate needs >= 2 "
                         "(raise sample.num_samples)")
@@ -174,6 +181,8 @@ def run(cfg: Config) -> dict:
         result.update(inception_generation(inception, images, read_index(paths.index), ids, size, view[1], ev,
                                            cfg.data.decode_workers))
     meta = _read_samples_json(Path(paths.samples))
+    if (meta or {}).get("generator") == "t2i":
+        result["text_to_image"] = text_to_image(cfg, group, images, labels, meta, device)
     source = (meta or {}).get("latent_source")
     result["latent_source"] = (source or {}).get("kind", schema.SOURCE_FAE)
     result["reconstruction"] = reconstruction(cfg, group, scorer, view, inception, device, source)
@@ -186,6 +195,43 @@ def run(cfg: Config) -> dict:
     write_metrics(Path(paths.metrics) / f"eval_{(result['samples'] or {}).get('generator', 'sit')}.json", result)
     print(summary_line(result, out))
     return result
+
+
+def text_to_image(cfg: Config, group, images: np.ndarray, prompt_ids, meta: dict, device) -> dict:
+    """Held-out FD-DINOv2, oracle accuracy (seen / held-out prompts) and CLIP score of text-to-image samples."""
+    from fae_pipe.metrics.clip_score import ClipScorer
+    from fae_pipe.metrics.oracle import by_split
+
+    prompts = list(meta.get("prompts") or [])
+    ids = np.asarray(prompt_ids if prompt_ids is not None else [], np.int64)
+    if not prompts or len(ids) != len(images) or (ids.size and (ids.min() < 0 or ids.max() >= len(prompts))):
+        raise UserError(f"{cfg.paths.samples}: samples.json lists {len(prompts)} prompts but samples.npz's arr_1 "
+                        "does not number them: re-run `fae-pipe sample`")
+    out: dict = {"prompts": len(prompts), "heldout_prompts": sum(bool(p.get("heldout")) for p in prompts)}
+    held = np.array([bool(prompts[i].get("heldout")) for i in ids.tolist()], bool)
+    split = feature_split(group, cfg.paths.index, cfg.paths.features)
+    if held.sum() >= 2 and split.holdout.sum() >= 2:
+        scorer = GenerationScorer(cfg, group, cfg.paths.features, device, mask=split.holdout)
+        dino, _ = scorer.split(scorer.features(images[held]))
+        out.update(fd_dinov2_heldout=fd(dino, scorer.reference_dinov2), heldout_samples=int(held.sum()),
+                   heldout_reference=int(len(scorer.ref_rows)))
+    else:
+        out["fd_dinov2_heldout"] = None
+        out["fd_dinov2_heldout_status"] = (f"unavailable: {int(held.sum())} samples of held-out prompts and "
+                                           f"{int(split.holdout.sum())} held-out images (need 2 of each)")
+    out["oracle"] = by_split(images, ids, prompts)
+    try:
+        clip = ClipScorer(cfg.evaluate.clip_weights, device)
+        scores = clip.score(images, [prompts[i]["prompt"] for i in ids.tolist()], cfg.evaluate.batch_size)
+        out.update(clip_score=float(scores.mean()), clip_score_seen=_mean(scores[~held]),
+                   clip_score_heldout=_mean(scores[held]), clip_status="ok", clip_fingerprint=clip.fingerprint)
+    except MetricUnavailable as e:
+        out.update(clip_score=None, clip_status=_short(e))
+    return out
+
+
+def _mean(v: np.ndarray) -> float | None:
+    return float(v.mean()) if v.size else None
 
 
 def _read_samples_json(samples_dir: Path) -> dict | None:
@@ -240,5 +286,15 @@ def summary_line(r: dict, out: Path) -> str:
             f"FID {_num(r['fid'], '.2f')}, IS {_num(r['inception_score'], '.2f')}, "
             f"precision {_num(r['precision'])}, recall {_num(r['recall'])}; reconstruction: rFD-DINOv2 "
             f"{_num(rc.get('rfd_dinov2'), '.4g')}, PSNR {_num(rc.get('psnr'), '.2f')} dB, LPIPS "
-            f"{_num(rc.get('lpips'))}{' (RANDOM encoder)' if r['encoder']['random_weights'] else ''} "
-            f"in {r['wall_seconds']:.1f} s -> {out}")
+            f"{_num(rc.get('lpips'))}{' (RANDOM encoder)' if r['encoder']['random_weights'] else ''}"
+            f"{_t2i_summary(r.get('text_to_image'))} in {r['wall_seconds']:.1f} s -> {out}")
+
+
+def _t2i_summary(t: dict | None) -> str:
+    if not t:
+        return ""
+    oracle = t.get("oracle") or {}
+    acc = ", ".join(f"{split} colour {_num(oracle[split]['colour'], '.2f')} shape {_num(oracle[split]['shape'], '.2f')}"
+                    for split in ("seen", "heldout") if split in oracle)
+    return (f"; text-to-image: held-out FD-DINOv2 {_num(t.get('fd_dinov2_heldout'), '.4g')}"
+            f"{', oracle ' + acc if acc else ''}, CLIP score {_num(t.get('clip_score'), '.2f')}")
