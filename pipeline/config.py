@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from fae_pipe.config_sections import (  # noqa: F401 (re-exported: the config's schema)
-    F, Paths, Data, ImageEncoder, Extract, Train, T, Fae, Decoder, Encode, Vae, Sit, Flow, Runtime, Storage,
-    Sample, Evaluate, Probe, Config, section_names, top_keys,
+    F, Paths, Data, ImageEncoder, Extract, TextEncoder, EmbedText, Train, T, Fae, Decoder, Encode, Vae, Sit, Flow,
+    Runtime, Storage, Sample, Evaluate, Probe, Config, section_names, top_keys,
 )
 from fae_pipe.errors import UserError
 
@@ -274,6 +274,9 @@ def _check_cross_field(cfg: Config) -> None:
     """Constraints between keys, reported like single-key errors."""
     for key in ("image_encoder", "evaluate.reference_encoder"):
         _check_patch_multiple(key, get_key(cfg, key))
+    if cfg.text_encoder.random_width % 4:
+        raise UserError(f"config error: text_encoder.random_width = {cfg.text_encoder.random_width} is invalid: "
+                        "expected a multiple of 4 (the random T5's heads)")
     if not cfg.data.views:
         raise UserError("config error: data.views = [] is invalid: expected at least one of orig, flip")
     if len(set(cfg.data.views)) != len(cfg.data.views):

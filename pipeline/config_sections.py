@@ -24,6 +24,7 @@ class Paths:
     index: str = F("cache/index.npz", "dataset index written by `prepare` (.npz; a .json path gets the old JSON format)")
     features: str = F("cache/features.zarr", "DINOv2 feature store written by `extract`")
     latents: str = F("cache/latents.zarr", "FAE latent store written by `encode`")
+    text: str = F("cache/text.zarr", "caption embedding store written by `embed-text` (text-to-image)")
     fae_run: str = F("runs/fae", "train-fae run directory (checkpoints, logs)")
     decoder_run: str = F("runs/decoder", "train-decoder run directory")
     sit_run: str = F("runs/sit", "train-sit run directory")
@@ -72,6 +73,34 @@ class ImageEncoder:
 class Extract:
     shards: int = F(64, "number of work units (contiguous sample ranges, one dask task each)", min=1)
     shard_samples: int = F(1024, "samples per zarr storage shard (written whole by one writer)", min=1)
+    chunk_samples: int = F(16, "samples per zarr inner chunk (the read granularity)", min=1)
+    workers: int = F(0, "dask LocalCluster workers; 0 runs in-process", min=0)
+    scheduler: str = F("", "address of an existing dask scheduler (overrides workers)")
+    threads: int = F(0, "torch threads per worker; 0 = cores / workers", min=0)
+
+
+@dataclass
+class TextEncoder:
+    """The frozen text encoder of ``embed-text`` (and of ``sample``'s prompts): ``fae_pipe.encoders.text``."""
+
+    weights: str = F("", "a local transformers directory holding the model and its tokenizer (as save_pretrained "
+                     "writes it: a T5 / Flan-T5 / mT5 / UMT5, CLIP or SigLIP(2) text tower), or 'random' (a tiny T5 "
+                     "with a word-level tokenizer trained on the index's captions, written to text_encoder_random "
+                     "beside paths.index: tests and the offline demo only)")
+    max_length: int = F(128, "tokens per caption, padded or truncated (T5-style 128; CLIP towers allow 77)", min=1)
+    precision: str = F("fp32", "text encoder compute precision (the store holds float16 either way)",
+                       choices=["fp32", "bf16"])
+    batch_size: int = F(128, "captions per text encoder forward", min=1)
+    device: str = F("auto", "auto (cuda when present), cpu, cuda or cuda:N")
+    random_width: int = F(64, "weights 'random': width of the tiny T5 (a multiple of its 4 heads)", min=4)
+    random_layers: int = F(2, "weights 'random': layers of the tiny T5", min=1)
+
+
+@dataclass
+class EmbedText:
+    shards: int = F(64, "number of work units (contiguous sample ranges, one dask task each)", min=1)
+    shard_samples: int = F(256, "samples per zarr storage shard (written whole by one writer; all caption slots "
+                           "of a sample: 5 COCO captions x 128 T5-XL tokens are 2.6 MB per sample)", min=1)
     chunk_samples: int = F(16, "samples per zarr inner chunk (the read granularity)", min=1)
     workers: int = F(0, "dask LocalCluster workers; 0 runs in-process", min=0)
     scheduler: str = F("", "address of an existing dask scheduler (overrides workers)")
@@ -225,8 +254,8 @@ class Runtime:
                      "processes on this machine (fae_pipe.threads)", min=0)
     compile: bool = F(False, "torch.compile the trained generators and decoders (inductor); falls back to eager "
                       "with a note where the backend cannot run")
-    stop_signals: list = F(["SIGTERM"], "signals that stop a train-*/extract/encode run cleanly (checkpoint or "
-                           "finished shard, exit code 75; add SIGUSR1 for SLURM's --signal); [] = none",
+    stop_signals: list = F(["SIGTERM"], "signals that stop a train-*/extract/encode/embed-text run cleanly "
+                           "(checkpoint or finished shard, exit code 75; add SIGUSR1 for SLURM's --signal); [] = none",
                            choices=["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP"])
 
 
@@ -289,6 +318,8 @@ class Config:
     decoder: Decoder = field(default_factory=Decoder)
     encode: Encode = field(default_factory=Encode)
     vae: Vae = field(default_factory=Vae)
+    text_encoder: TextEncoder = field(default_factory=TextEncoder)
+    embed_text: EmbedText = field(default_factory=EmbedText)
     sit: Sit = field(default_factory=Sit)
     sample: Sample = field(default_factory=Sample)
     evaluate: Evaluate = field(default_factory=Evaluate)

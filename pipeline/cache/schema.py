@@ -152,13 +152,19 @@ def shard_bounds(num_samples: int, shard_samples: int, shard_index: int) -> tupl
     return start, min(num_samples, start + shard_samples)
 
 
-def effective_chunk_samples(chunk_samples: int, shard_samples: int) -> int:
-    """Inner chunk rows: ``chunk_samples`` clipped to the shard; it must divide the shard."""
+def effective_chunk_samples(chunk_samples: int, shard_samples: int, section: str = "extract") -> int:
+    """Inner chunk rows: ``chunk_samples`` clipped to the shard; it must divide the shard.
+    ``section``: the config section the two keys were set in (named by the error)."""
     chunk = min(chunk_samples, shard_samples)
     if shard_samples % chunk:
-        raise UserError(f"extract.chunk_samples = {chunk_samples} is invalid: it must divide "
-                        f"extract.shard_samples = {shard_samples}")
+        raise UserError(f"{section}.chunk_samples = {chunk_samples} is invalid: it must divide "
+                        f"{section}.shard_samples = {shard_samples}")
     return chunk
+
+
+def caption_filled(caption: str) -> bool:
+    """Whether an index caption fills its slot of a text store (a blank one is an empty slot, length 0)."""
+    return bool(caption.strip())
 
 
 def _clear_except_bookkeeping(path) -> None:

@@ -49,7 +49,8 @@ from zarr.storage import FsspecStore, LocalStore
 from fae_pipe.errors import UserError
 
 # which command re-creates a store holding this array (labels/ids/valid are in both kinds)
-_MADE_BY = {"features": "extract", "cls": "extract", "latents": "encode", "std": "encode"}
+_MADE_BY = {"features": "extract", "cls": "extract", "latents": "encode", "std": "encode",
+            "tokens": "embed-text", "lengths": "embed-text", "pooled": "embed-text"}
 
 
 def damaged(store, array: str, shard: int | None, reason: str) -> UserError:
