@@ -41,7 +41,7 @@ class KeyOption(click.Option):
 
 
 def shards(section: str) -> tuple[click.Option, ...]:
-    """The dask flags of ``extract`` and ``encode``."""
+    """The dask flags of ``extract``, ``encode`` and ``embed-text``."""
     return (KeyOption("--shards", f"{section}.shards", "N"),
             KeyOption("--workers", f"{section}.workers", "N"),
             KeyOption("--scheduler", f"{section}.scheduler", "ADDR"))
@@ -76,6 +76,9 @@ COMMANDS: dict[str, Stage] = {
     "encode": Stage("encode", ["encode", "vae", "extract", "fae", "data", "paths", ATTENTION],
                     "Encode the feature store (FAE) or the images (encode.source=sdvae: a pretrained VAE) into "
                     "the compact latent store.", (*shards("encode"), OVERWRITE)),
+    "embed-text": Stage("embed_text", ["embed_text", "text_encoder", "paths"],
+                        "Embed every caption of the index with the frozen text encoder into the text store.",
+                        (*shards("embed_text"), OVERWRITE)),
     "train-sit": Stage("train_sit", ["sit", "paths", ATTENTION],
                        "Train SiT on the cached latents only (Accelerate).", (RESUME,)),
     "train-flow": Stage("train_flow", ["flow", "paths", ATTENTION],

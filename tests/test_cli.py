@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "prepare": {"demo"}, "extract": {"shards", "workers", "scheduler", "overwrite"},
     "encode": {"shards", "workers", "scheduler", "overwrite"},
+    "embed-text": {"shards", "workers", "scheduler", "overwrite"},
     "train-fae": {"resume"}, "train-decoder": {"resume"}, "train-sit": {"resume"},
     "train-flow": {"resume"}, "sample": {"export"}, "evaluate": set(), "probe": set(),
     "bench extract": set(), "bench loader": {"synthetic", "features", "object_store"}, "bench train-step": {"synthetic"},

@@ -93,7 +93,28 @@ def inspect_store(path) -> str:
                  f"failures recorded: {len(attrs.get(schema.A_FAILURES, []))}")
     if kind == schema.KIND_LATENTS:
         lines.extend(_stats_lines(attrs))
+    if kind == schema.KIND_TEXT:
+        lines.extend(_text_lines(group, attrs))
     return "\n".join(lines)
+
+
+def _text_lines(group, attrs) -> list[str]:
+    """A text store's encoder record (in full: the attrs line is cut) and its empty-caption embedding."""
+    enc = attrs.get(schema.A_TEXT_ENCODER) or {}
+    lines = [f"text encoder: {enc.get('model_type')} from {enc.get('directory')} ({enc.get('fingerprint')}), "
+             f"dim {enc.get('dim')}, pooled dim {enc.get('pooled_dim')}, precision {enc.get('precision')}"
+             + ("  RANDOM WEIGHTS: tests and the demo only" if enc.get("random") else ""),
+             f"captions: {attrs.get(schema.A_CAPTIONS_PER_SAMPLE)} slots per sample x "
+             f"{attrs.get(schema.A_MAX_LENGTH)} tokens (lengths 0 = empty slot)"]
+    present = set(group.array_keys())
+    for name in schema.EMPTY_DIMENSIONS:
+        if name in present:
+            arr = group[name]
+            dims = tuple(arr.metadata.dimension_names or ())
+            lines.append(f"  {name}: shape {tuple(arr.shape)} {arr.dtype} dims {dims}")
+    lines.append(f"empty caption: {attrs.get(schema.A_EMPTY_LENGTH)} token(s)"
+                 + ("" if schema.EMPTY_TOKENS in present else "; empty_tokens MISSING"))
+    return lines
 
 
 def _load_index(path, attrs, index_path, read_index: Callable[[str], SampleIndex] | None):
@@ -162,12 +183,42 @@ def _check_shard(path, group, i: int, start: int, stop: int, config_hash, index,
             out.append(f"{where}: record counts (samples {rec.get('samples')}, valid {rec.get('valid')}) differ "
                        f"from the data ({stop - start}, {int(valid.sum())})")
     if index is not None:
-        ids, labels = data[schema.SAMPLE_IDS], data[schema.LABELS]
+        ids = data[schema.SAMPLE_IDS]
         if stop > len(index) or not np.array_equal(ids, index.ids[start:stop]):
             out.append(f"{where}: sample_ids differ from the index rows {start}..{stop - 1}")
-        elif not np.array_equal(labels, index.labels[ids]):
-            bad = int(np.sum(labels != index.labels[ids]))
+        elif schema.LABELS in data and not np.array_equal(data[schema.LABELS], index.labels[ids]):
+            bad = int(np.sum(data[schema.LABELS] != index.labels[ids]))
             out.append(f"{where}: {bad} label(s) differ from the index")
+    if schema.LENGTHS in data:
+        out.extend(_check_text_shard(where, group, data, valid, start, index))
+    return out
+
+
+def _check_text_shard(where: str, group, data: dict, valid: np.ndarray, start: int, index) -> list[str]:
+    """A text shard: lengths in [0, max_length], zeros past each length and in empty slots, valid = has a
+    caption, and (with a captioned index) a filled slot exactly where the index has a caption."""
+    out = []
+    lengths = data[schema.LENGTHS]
+    t = int(group.attrs.get(schema.A_MAX_LENGTH, group[schema.TOKENS].shape[2]))
+    if lengths.min(initial=0) < 0 or lengths.max(initial=0) > t:
+        out.append(f"{where}: lengths outside 0..{t} (max_length)")
+        return out
+    past = np.arange(t)[None, None, :] >= lengths[..., None]  # (n, k, t): positions past each caption
+    if np.any(data[schema.TOKENS][past]):
+        out.append(f"{where}: tokens non-zero past their caption's length")
+    if schema.POOLED in data and np.any(data[schema.POOLED][lengths == 0]):
+        out.append(f"{where}: pooled non-zero in empty caption slots")
+    if not np.array_equal(valid, lengths.max(axis=1) > 0):
+        out.append(f"{where}: valid differs from 'has at least one caption' (lengths > 0)")
+    captions = getattr(index, "captions", None)
+    if captions is not None:
+        filled = np.zeros(lengths.shape, bool)
+        for r in range(lengths.shape[0]):
+            caps = captions.of(start + r)[: lengths.shape[1]]
+            filled[r, :len(caps)] = [schema.caption_filled(c) for c in caps]
+        if not np.array_equal(filled, lengths > 0):
+            bad = int(np.sum(np.any(filled != (lengths > 0), axis=1)))
+            out.append(f"{where}: {bad} sample(s) whose filled caption slots differ from the index's captions")
     return out
 
 
@@ -191,8 +242,9 @@ def verify_store(path, index_path=None, *, read_index: Callable[[str], SampleInd
         if arr.shape[0] != n or (arr.shards or arr.chunks)[0] != size:
             defects.append(f"array {name}: shape {arr.shape} / shards {arr.shards} disagree with "
                            f"num_samples {n} / shard_samples {size}")
-    required = {schema.LABELS, schema.SAMPLE_IDS, schema.VALID,
-                schema.FEATURES if kind == schema.KIND_FEATURES else schema.LATENTS}
+    required = {schema.SAMPLE_IDS, schema.VALID, *{schema.KIND_FEATURES: (schema.LABELS, schema.FEATURES),
+                                                  schema.KIND_LATENTS: (schema.LABELS, schema.LATENTS),
+                                                  schema.KIND_TEXT: (schema.TOKENS, schema.LENGTHS)}[kind]}
     absent = sorted(required - set(schema.sample_array_names(group)))
     if absent:
         return defects + [f"arrays missing: {', '.join(absent)}"]
@@ -210,6 +262,8 @@ def verify_store(path, index_path=None, *, read_index: Callable[[str], SampleInd
         recorded.extend((records[i] or {}).get("failures", []))
     if kind == schema.KIND_FEATURES and complete and attrs.get(schema.A_FAILURES, []) != recorded:
         defects.append("attrs: failures list differs from the shards' completion records")
+    if kind == schema.KIND_TEXT:
+        defects.extend(_check_empty_caption(group, attrs))
     if kind == schema.KIND_LATENTS:
         channels = group[schema.LATENTS].shape[2]
         mean = np.asarray(attrs.get(schema.A_CHANNEL_MEAN, []), dtype=np.float64)
@@ -219,3 +273,23 @@ def verify_store(path, index_path=None, *, read_index: Callable[[str], SampleInd
         elif not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
             defects.append("attrs: channel_mean/channel_std not finite or std not positive")
     return defects
+
+
+def _check_empty_caption(group, attrs) -> list[str]:
+    """The text store's empty-caption embedding: present, shaped like one caption, finite, zero past its length."""
+    present = set(group.array_keys())
+    t, d = group[schema.TOKENS].shape[2:]
+    if schema.EMPTY_TOKENS not in present:
+        return [f"array {schema.EMPTY_TOKENS} missing (the empty caption's embedding, written at creation)"]
+    out = []
+    empty = group[schema.EMPTY_TOKENS][...]
+    length = attrs.get(schema.A_EMPTY_LENGTH)
+    if empty.shape != (t, d):
+        out.append(f"array {schema.EMPTY_TOKENS}: shape {empty.shape}, expected {(t, d)}")
+    elif not isinstance(length, int) or not 0 <= length <= t:
+        out.append(f"attrs: {schema.A_EMPTY_LENGTH} = {length!r} is not a length in 0..{t}")
+    elif not np.isfinite(empty).all() or np.any(empty[length:]):
+        out.append(f"array {schema.EMPTY_TOKENS}: non-finite, or non-zero past its length {length}")
+    if (schema.POOLED in present) != (schema.EMPTY_POOLED in present):
+        out.append(f"arrays {schema.POOLED} and {schema.EMPTY_POOLED}: one is present without the other")
+    return out

@@ -8,4 +8,5 @@ model once per worker process. One module per task, so a stage's code dependenci
 
 - ``features.FeatureExtractTask`` (``extract``): images -> frozen encoder tokens.
 - ``latents.EncodeTask`` (``encode``): feature shards -> FAE latent shards + moments.
+- ``text.EmbedTextTask`` (``embed-text``): index captions -> text-encoder token embeddings, lengths, pooled.
 """
