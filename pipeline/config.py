@@ -270,6 +270,24 @@ def _check_patch_multiple(key: str, enc: ImageEncoder) -> None:
                         f"the patch of {enc.name} ({16 * p} gives a 16x16 token grid)")
 
 
+def _check_data_source(d) -> None:
+    """data.source and the two demo sets: which combinations mean something."""
+    if d.demo and d.caption_demo:
+        raise UserError("config error: data.demo and data.caption_demo are both true: give one (class demo or "
+                        "caption demo)")
+    if d.demo and d.source != "folder":
+        raise UserError(f"config error: data.demo = true writes a class folder, but data.source = {d.source}: "
+                        "use data.source=folder")
+    if d.caption_demo and d.source not in ("folder", "manifest"):
+        raise UserError(f"config error: data.caption_demo = true indexes the demo's manifest, but data.source = "
+                        f"{d.source}: use data.source=manifest (or leave it at folder)")
+    if d.caption_demo and d.manifest:
+        raise UserError(f"config error: data.caption_demo = true indexes the manifest it writes (root/manifest.jsonl), "
+                        f"but data.manifest = {d.manifest!r}: leave data.manifest empty")
+    if d.source == "manifest" and not d.manifest and not d.caption_demo:
+        raise UserError("config error: data.source = manifest needs data.manifest (a .jsonl, .csv or .parquet file)")
+
+
 def _check_cross_field(cfg: Config) -> None:
     """Constraints between keys, reported like single-key errors."""
     for key in ("image_encoder", "evaluate.reference_encoder"):
@@ -281,6 +299,7 @@ def _check_cross_field(cfg: Config) -> None:
         raise UserError("config error: data.views = [] is invalid: expected at least one of orig, flip")
     if len(set(cfg.data.views)) != len(cfg.data.views):
         raise UserError(f"config error: data.views = {cfg.data.views} is invalid: views must not repeat")
+    _check_data_source(cfg.data)
     for seg in cfg.sample.guidance:
         if not (isinstance(seg, list) and len(seg) == 3 and all(isinstance(v, (int, float)) for v in seg)):
             raise UserError(f"config error: sample.guidance segment {seg!r} is invalid: expected [t_start, t_end, scale]")

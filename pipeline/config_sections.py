@@ -35,7 +35,17 @@ class Paths:
 
 @dataclass
 class Data:
-    root: str = F("data/imagenet/train", "image folder root/<class>/<image>")
+    root: str = F("data/imagenet/train", "the images: a class folder root/<class>/<image>, a captions folder or tar "
+                   "shards (see data.source)")
+    source: str = F("folder", "what prepare indexes: folder (root/<class>/<image>), captions_folder (images under root "
+                    "with x.txt captions beside x.jpg, one per line), manifest (data.manifest), webdataset (tar "
+                    "shards: root is their directory or a pattern like shards/{00000..00099}.tar)",
+                    choices=["folder", "captions_folder", "manifest", "webdataset"])
+    manifest: str = F("", "source=manifest: a .jsonl, .csv or .parquet file of path, caption or captions, optional "
+                      "heldout (paths relative to its directory); '' with caption_demo = root/manifest.jsonl")
+    caption_demo: bool = F(False, "prepare writes the procedural caption demo set into `root` and indexes its "
+                           "manifest (source=manifest; its heldout field is the split)")
+    caption_demo_images: int = F(2000, "caption demo: number of images (side data.demo_size, seed data.seed)", min=1)
     demo: bool = F(False, "prepare writes the procedural offline demo set into `root` first")
     demo_classes: int = F(10, "demo: number of classes", min=2, max=1000)
     demo_per_class: int = F(200, "demo: images per class", min=1)
@@ -45,8 +55,9 @@ class Data:
     views: list = F(["orig", "flip"], "views cached per sample (orig, flip)", choices=["orig", "flip"])
     holdout_fraction: float = F(0.01, "fraction of samples in the held-out split", min=0.0, max=0.5)
     on_error: str = F("skip", "unreadable images: skip (recorded) or fail", choices=["skip", "fail"])
-    check: str = F("auto", "prepare's image check: header (cheap), full (decode every image), "
-                   "auto (full for the demo set, header otherwise)", choices=["auto", "header", "full"])
+    check: str = F("auto", "prepare's image check: stat (exists and non-empty: the cheapest, for tens of millions), "
+                   "header (cheap), full (decode every image), auto (full for the demo sets, header otherwise)",
+                   choices=["auto", "stat", "header", "full"])
     decode_workers: int = F(4, "background threads decoding and preprocessing images", min=0)
 
 

@@ -11,13 +11,17 @@ shown as backslash escapes; a dangling symlink is a failure too.
 One deliberate difference: hidden directories (name starting with ".") are not
 classes, so editor folders and the demo writer's temporary directory never become one.
 
-Checking every image is the expensive part, so there are two levels:
+Checking every image is the expensive part, so there are three levels:
+``check="stat"`` only stats each file (missing and zero-byte files fail; at tens of
+millions of samples the header check's open and read per file is the cost of prepare);
 ``check="header"`` (default) reads only enough to catch zero-byte files, non-images,
 PNG files with bad chunks (Pillow's verify reads them whole) and JPEGs without an
 end-of-image marker in their last 64 KiB (the usual truncated download). A truncated
 WebP or a subtly damaged JPEG body passes it and is reported later, when decoded.
 ``check="full"`` decodes every image exactly as training will (``load_rgb``); use it
-for small sets, the demo set uses it.
+for small sets, the demo set uses it. The checks take a path or a ``TarMember`` (an
+image inside a tar shard, ``fae_pipe.data.tar_members``), so the caption sources
+(``fae_pipe.data.captions``) reuse them unchanged.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fae_pipe.data.index import DatasetIndex, stratified_holdout
-from fae_pipe.data.transforms import ImageDecodeError, load_rgb
+from fae_pipe.data.tar_members import TarMember
+from fae_pipe.data.transforms import ImageDecodeError, as_source, load_rgb, open_source, source_size
 from fae_pipe.errors import UserError
 from fae_pipe.phases import phase
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
-CHECKS = ("header", "full")
+CHECKS = ("stat", "header", "full")
 ON_ERROR = ("skip", "fail")
 _JPEG_TAIL = 64 * 1024
 _BLOCK = 2048
@@ -84,31 +89,37 @@ def printable(rel: str) -> str:
     return os.fsencode(rel).decode("utf-8", "backslashreplace")
 
 
-def name_problem(path: Path) -> str | None:
+def name_problem(path: Path | TarMember) -> str | None:
     """Why a file cannot be indexed before it is even opened (bad name, dangling symlink), or None."""
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
         return "file name is not valid UTF-8 (the index cannot store it): rename the file"
-    if path.is_symlink() and not path.exists():
+    if isinstance(path, Path) and path.is_symlink() and not path.exists():
         return f"dangling symlink (its target {printable(os.readlink(path))!r} does not exist)"
     return None
 
 
-def check_header(path: Path) -> str | None:
-    """Cheap check; returns a failure reason or None (see module docstring for its reach)."""
+def check_stat(path: Path | TarMember) -> str | None:
+    """Cheapest check: the file exists and is not empty; returns a failure reason or None."""
     try:
-        size = path.stat().st_size
+        size = source_size(path)
     except OSError as e:
         return f"unreadable: {e.strerror or e}"
-    if size == 0:
-        return "zero-byte file"
+    return "zero-byte file" if size == 0 else None
+
+
+def check_header(path: Path | TarMember) -> str | None:
+    """Cheap check; returns a failure reason or None (see module docstring for its reach)."""
+    if (reason := check_stat(path)) is not None:
+        return reason
+    size = source_size(path)
     try:
-        with Image.open(path) as img:
-            fmt = img.format
-            img.verify()
-        if fmt == "JPEG":
-            with open(path, "rb") as f:
+        with open_source(path) as f:
+            with Image.open(f) as img:
+                fmt = img.format
+                img.verify()
+            if fmt == "JPEG":
                 f.seek(max(0, size - _JPEG_TAIL))
                 if b"\xff\xd9" not in f.read():
                     return "truncated or corrupt image: JPEG end-of-image marker missing"
@@ -121,7 +132,7 @@ def check_header(path: Path) -> str | None:
     return None
 
 
-def check_full(path: Path) -> str | None:
+def check_full(path: Path | TarMember) -> str | None:
     """Decode the whole image as training will; returns a failure reason or None."""
     try:
         load_rgb(path)
@@ -139,11 +150,12 @@ def _checked(paths, total: int, check: str, workers: int, progress: bool):
 
     from tqdm import tqdm
 
-    fn = check_full if check == "full" else check_header
+    fn = {"stat": check_stat, "header": check_header, "full": check_full}[check]
 
-    def one(p: Path):
+    def one(p: Path | TarMember):
+        p = as_source(p)
         reason = name_problem(p) or fn(p)
-        return reason, (p.stat().st_size if reason is None else 0)
+        return reason, (source_size(p) if reason is None else 0)
 
     bar = tqdm(total=total, desc=f"checking images ({check})", unit="img",
                disable=None if progress else True, leave=False)
@@ -218,8 +230,12 @@ def _keep_readable(rels, found_labels, results, root: Path, on_error: str):
             sizes.append(size)
         elif on_error == "fail":
             results.close()
-            raise UserError(f"image '{printable(str(root / rel))}': {reason} (data.on_error=fail; "
-                            f"use data.on_error=skip to leave such files out)")
+            raise refusal(printable(str(root / rel)), reason)
         else:
             failures.append({"path": printable(rel), "reason": reason})
     return paths, labels, sizes, failures
+
+
+def refusal(shown: str, reason: str) -> UserError:
+    """The error of ``data.on_error=fail`` at the first sample that cannot be indexed."""
+    return UserError(f"image '{shown}': {reason} (data.on_error=fail; use data.on_error=skip to leave such files out)")

@@ -28,6 +28,15 @@ index has no such column and its file, columns and fingerprint are exactly as be
 a captioned index's fingerprint also covers every caption (``compute_fingerprint``), so
 editing one caption marks every cache made from it stale.
 
+Tar shards (WebDataset sources): optional columns ``tar_path_bytes``/``tar_path_offsets``
+(each shard path once, relative to the root), ``tar_id`` and ``tar_offset`` per sample
+(``fae_pipe.data.tar_members.TarColumn``); the path column holds the member name and
+``size`` its size, and ``abspath`` returns a ``TarMember`` that ``load_rgb`` reads. Like
+the captions they exist only when needed and are in the column checksum; they are not
+in the fingerprint, which covers content (member name, size, captions, split), not how
+the samples are packed into shards. A path written as absolute (a manifest may list
+``/data/x.jpg``) is kept absolute: ``abspath`` returns it as it is.
+
 Sample ids are the row numbers and are not stored. ``root`` is kept as given (often
 relative to the project directory, where DVC runs the stages); ``abspath`` joins it.
 
@@ -50,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from fae_pipe.artifacts import atomic_write, atomic_write_text
+from fae_pipe.data.tar_members import TarColumn, TarMember
 from fae_pipe.errors import UserError
 from fae_pipe.phases import phase
 
@@ -58,6 +68,7 @@ JSON_SCHEMA = "fae-pipe-index/1"  # the first format: one JSON document (read; w
 FINGERPRINT_SCHEMA = JSON_SCHEMA  # part of every fingerprint: fixed, so a new file format keeps them
 _COLUMNS = ("path_bytes", "path_offsets", "label", "size", "holdout")
 _CAPTION_COLUMNS = ("caption_bytes", "caption_offsets", "caption_starts")  # present only in captioned indexes
+_TAR_COLUMNS = ("tar_path_bytes", "tar_path_offsets", "tar_id", "tar_offset")  # present only for tar shards
 LARGE_JSON_INDEX = 100_000  # samples beyond which prepare says the JSON format costs every process
 
 
@@ -99,6 +110,14 @@ class PathColumn(Sequence):
         blob, off = self.blob.tobytes(), self.offsets.tolist()
         for a, b in zip(off, off[1:]):
             yield blob[a:b].decode("utf-8")
+
+    def take(self, keep: np.ndarray) -> "PathColumn":
+        """The rows where the boolean mask ``keep`` is true, without decoding a string."""
+        keep = np.asarray(keep, dtype=bool)
+        lengths = np.diff(self.offsets)
+        offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+        np.cumsum(lengths[keep], out=offsets[1:])
+        return PathColumn(self.blob[np.repeat(keep, lengths)], offsets)
 
     def __eq__(self, other) -> bool:
         if isinstance(other, PathColumn):
@@ -147,6 +166,14 @@ class CaptionColumn:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range (0..{len(self) - 1})")
         return [self.texts[j] for j in range(int(self.starts[i]), int(self.starts[i + 1]))]
+
+    def take(self, keep: np.ndarray) -> "CaptionColumn":
+        """The samples where the boolean mask ``keep`` is true, with all their captions."""
+        keep = np.asarray(keep, dtype=bool)
+        counts = self.counts
+        starts = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
+        np.cumsum(counts[keep], out=starts[1:])
+        return CaptionColumn(self.texts.take(np.repeat(keep, counts)), starts)
 
     def to_lists(self) -> list[list[str]]:
         texts = list(self.texts)
@@ -212,6 +239,11 @@ def compute_fingerprint(paths, sizes, labels, holdout, seed: int, fraction: floa
     return hashlib.sha256(f"{h.hexdigest()}\n{captions.sha256()}\n".encode()).hexdigest()
 
 
+def sample_path(root: str, rel: str) -> str:
+    """``root`` joined with the posix path ``rel``; an absolute ``rel`` (from a manifest) as it is."""
+    return rel if rel.startswith("/") else os.path.join(root, *rel.split("/"))
+
+
 @dataclass
 class DatasetIndex:
     """Samples of an image folder: path (relative to ``root``), label, size and split."""
@@ -228,6 +260,7 @@ class DatasetIndex:
     failures: list[dict] = field(default_factory=list)
     ids: np.ndarray | None = None
     captions: CaptionColumn | None = None  # lists of str per sample are accepted and converted
+    tars: TarColumn | None = None  # samples that are members of tar shards (paths = member names)
 
     def __post_init__(self):
         if not isinstance(self.paths, PathColumn):
@@ -245,6 +278,8 @@ class DatasetIndex:
             self.captions = CaptionColumn.from_lists(self.captions)
         if self.captions is not None and len(self.captions) != n:
             raise ValueError(f"DatasetIndex has {n} samples but captions for {len(self.captions)}")
+        if self.tars is not None and len(self.tars) != n:
+            raise ValueError(f"DatasetIndex has {n} samples but tar offsets for {len(self.tars)}")
         if not self.fingerprint:
             self.fingerprint = self.recompute_fingerprint()
 
@@ -268,9 +303,18 @@ class DatasetIndex:
     def holdout_ids(self) -> np.ndarray:
         return self.ids[self.holdout]
 
-    def abspath(self, i: int) -> str:
-        """Path of sample ``i`` on this machine (``root`` joined with its relative path)."""
-        return os.path.join(self.root, *self.paths[int(i)].split("/"))
+    def abspath(self, i: int) -> str | TarMember:
+        """Path of sample ``i`` on this machine (``root`` joined with its relative path).
+
+        A sample inside a tar shard gives a ``TarMember`` (its byte range), which
+        ``load_rgb`` reads like a path and which prints as ``<tar>[<member>]``.
+        """
+        i = int(i)
+        rel = self.paths[i]
+        if self.tars is not None:
+            tar = self.tars.tars[int(self.tars.ids[i])]
+            return TarMember(sample_path(self.root, tar), rel, int(self.tars.offsets[i]), int(self.sizes[i]))
+        return sample_path(self.root, rel)
 
     def to_json(self) -> dict:
         doc = {
@@ -291,6 +335,9 @@ class DatasetIndex:
         }
         if self.captions is not None:
             doc["samples"]["captions"] = self.captions.to_lists()
+        if self.tars is not None:
+            doc["tars"] = list(self.tars.tars)
+            doc["samples"].update(tar_id=self.tars.ids.tolist(), tar_offset=self.tars.offsets.tolist())
         return doc
 
 
@@ -307,16 +354,19 @@ def _column_arrays(index: DatasetIndex) -> dict[str, np.ndarray]:
     if index.captions is not None:
         arrays.update(caption_bytes=index.captions.texts.blob, caption_offsets=index.captions.texts.offsets,
                       caption_starts=index.captions.starts)
+    if index.tars is not None:
+        arrays.update(tar_path_bytes=index.tars.tars.blob, tar_path_offsets=index.tars.tars.offsets,
+                      tar_id=index.tars.ids, tar_offset=index.tars.offsets)
     return arrays
 
 
 def _columns_sha256(arrays: dict[str, np.ndarray]) -> str:
     """sha256 over the column bytes (C speed): the read-time check that replaces re-fingerprinting.
 
-    Covers the caption columns when present; an index without them hashes exactly as before.
+    Covers the caption and tar columns when present; an index without them hashes exactly as before.
     """
     h = hashlib.sha256()
-    for name in _COLUMNS + tuple(c for c in _CAPTION_COLUMNS if c in arrays):
+    for name in _COLUMNS + tuple(c for c in _CAPTION_COLUMNS + _TAR_COLUMNS if c in arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name}:{a.dtype.str}:{a.shape}\n".encode())
         h.update(memoryview(a).cast("B"))
@@ -365,7 +415,7 @@ def _read_npz(path: Path) -> DatasetIndex:
     try:
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(bytes(z["header"]).decode("utf-8"))
-            arrays = {name: z[name] for name in _COLUMNS + _CAPTION_COLUMNS if name in z.files}
+            arrays = {name: z[name] for name in _COLUMNS + _CAPTION_COLUMNS + _TAR_COLUMNS if name in z.files}
     except (OSError, ValueError, KeyError, UnicodeDecodeError, zipfile.BadZipFile, EOFError) as e:
         raise _corrupt(path, f"unreadable binary index: {type(e).__name__}: {e}") from None
     if not isinstance(header, dict) or header.get("schema") != INDEX_SCHEMA:
@@ -375,6 +425,8 @@ def _read_npz(path: Path) -> DatasetIndex:
     missing = [name for name in _COLUMNS if name not in arrays]
     if missing or 0 < sum(name in arrays for name in _CAPTION_COLUMNS) < len(_CAPTION_COLUMNS):
         raise _corrupt(path, f"columns missing: {', '.join(missing) or 'part of the caption columns'}")
+    if 0 < sum(name in arrays for name in _TAR_COLUMNS) < len(_TAR_COLUMNS):
+        raise _corrupt(path, "columns missing: part of the tar columns")
     n = header.get("num_samples")
     if not (len(arrays["label"]) == len(arrays["size"]) == len(arrays["holdout"]) == len(arrays["path_offsets"]) - 1
             == n):
@@ -384,8 +436,12 @@ def _read_npz(path: Path) -> DatasetIndex:
         if "caption_starts" in arrays:
             captions = CaptionColumn(PathColumn(arrays["caption_bytes"], arrays["caption_offsets"]),
                                      arrays["caption_starts"])
+        tars = None
+        if "tar_id" in arrays:
+            tars = TarColumn(PathColumn(arrays["tar_path_bytes"], arrays["tar_path_offsets"]), arrays["tar_id"],
+                             arrays["tar_offset"])
         return DatasetIndex(
-            root=str(header["root"]), classes=[str(c) for c in header["classes"]], captions=captions,
+            root=str(header["root"]), classes=[str(c) for c in header["classes"]], captions=captions, tars=tars,
             paths=PathColumn(arrays["path_bytes"], arrays["path_offsets"]), labels=arrays["label"],
             sizes=arrays["size"], holdout=arrays["holdout"].astype(bool), seed=int(header["seed"]),
             holdout_fraction=float(header["holdout_fraction"]), fingerprint=str(header["fingerprint"]),
@@ -409,6 +465,7 @@ def _read_json(path: Path) -> DatasetIndex:
             labels=s["label"], sizes=s["size"], holdout=s["holdout"], seed=int(doc["seed"]),
             holdout_fraction=float(doc["holdout_fraction"]), fingerprint=str(doc["fingerprint"]),
             failures=list(doc.get("failures", [])), captions=s.get("captions"),
+            tars=TarColumn(doc["tars"], s["tar_id"], s["tar_offset"]) if "tars" in doc else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise _corrupt(path, f"missing or invalid field {e}") from None

@@ -31,6 +31,11 @@ Choices where the usual references are silent (all deterministic, no randomness)
 Feature stores record this chain by name in their ``crop`` / ``resize`` attrs
 (``fae_pipe.cache.schema.CROP_POLICY`` / ``RESIZE_POLICY``).
 
+Sources: a path, or a ``TarMember`` (``fae_pipe.data.tar_members``: the byte range of an
+image kept inside a WebDataset tar shard, what ``DatasetIndex.abspath`` returns for
+such samples); ``open_source``/``source_size`` are the one place that tells them apart,
+so every stage that decodes pixels reads tar members without knowing about them.
+
 Torch is imported inside ``encoder_input`` only, so ``fae-pipe prepare`` (which only
 checks images) never pays for importing it.
 """
@@ -42,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fae_pipe.data.tar_members import TarMember
 from fae_pipe.errors import UserError
 
 VIEWS = ("orig", "flip")
@@ -98,19 +104,34 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
+def as_source(path) -> Path | TarMember:
+    """A path-like (str, Path) as ``Path``; a ``TarMember`` as it is."""
+    return path if isinstance(path, TarMember) else Path(path)
+
+
+def source_size(source: Path | TarMember) -> int:
+    """Bytes of an image file or tar member (``OSError`` when a file is unreadable)."""
+    return source.size if isinstance(source, TarMember) else source.stat().st_size
+
+
+def open_source(source: Path | TarMember):
+    """A binary file object over the image's bytes (a tar member is read whole: one seek, one read)."""
+    return source.open() if isinstance(source, TarMember) else open(source, "rb")
+
+
 def load_rgb(path) -> Image.Image:
-    """Fully decode ``path`` to an RGB image or raise ``ImageDecodeError`` with a reason."""
-    path = Path(path)
+    """Fully decode ``path`` (a path or a ``TarMember``) to an RGB image or raise ``ImageDecodeError``."""
+    path = as_source(path)
     try:
-        size = path.stat().st_size
+        f = open_source(path) if source_size(path) else None
     except OSError as e:
-        if path.is_symlink():
+        if isinstance(path, Path) and path.is_symlink():
             raise ImageDecodeError(path, f"dangling symlink: {e.strerror or e}") from None
         raise ImageDecodeError(path, f"unreadable: {e.strerror or e}") from None
-    if size == 0:
+    if f is None:
         raise ImageDecodeError(path, "zero-byte file")
     try:
-        with Image.open(path) as img:
+        with f, Image.open(f) as img:
             img.seek(0)  # animated: the first frame
             img.load()
             try:
