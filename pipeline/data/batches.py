@@ -109,15 +109,17 @@ class GeneratorBatches:
         return lambda b, epoch: (normalize(grid(torch.from_numpy(b[array]).to(device, non_blocking=True))),
                                  torch.from_numpy(b[schema.LABELS]).to(device, non_blocking=True))
 
-    def _spans(self, step: int, device, repa: bool):
-        """(epoch, batch tensors...) per batch, converted ``group`` batches at a time (one addcmul)."""
+    def _spans(self, step: int, device, extra=None):
+        """(epoch, batch tensors...) per batch, converted ``group`` batches at a time (one addcmul).
+
+        ``extra(span, epoch, device)``: more per-row tensors of the span (REPA targets, caption
+        embeddings), appended after ``x, y`` and split into batches with them."""
         device = torch.device(device)
         convert, size = self._convert(device), self.loader.batch_size
         for epoch, span in self.loader.batches_from(step, self.group):
             parts = convert(span, epoch)
-            if repa:
-                targets = torch.from_numpy(self.repa.read(span[ROWS], span[VIEWS])).to(device, non_blocking=True)
-                parts = (*parts, targets.float())
+            if extra is not None:
+                parts = (*parts, *extra(span, epoch, device))
             k = span[schema.LABELS].size // size
             if k == 1:
                 yield (epoch, *parts)
@@ -127,7 +129,7 @@ class GeneratorBatches:
 
     def from_step(self, step: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Infinite ``(epoch, x, y)`` stream starting at this process's batch number ``step``."""
-        return self._spans(step, device, repa=False)
+        return self._spans(step, device)
 
     def from_step_with_repa(self, step: int, device: torch.device
                             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -136,4 +138,8 @@ class GeneratorBatches:
         if self.repa is None:
             raise UserError(f"{self.info.path}: REPA targets were not configured; pass repa_features= "
                             "(a features.zarr) when building the batches")
-        return self._spans(step, device, repa=True)
+        return self._spans(step, device, self._repa_targets)
+
+    def _repa_targets(self, span: dict, epoch: int, device: torch.device) -> tuple[torch.Tensor]:
+        targets = torch.from_numpy(self.repa.read(span[ROWS], span[VIEWS])).to(device, non_blocking=True)
+        return (targets.float(),)

@@ -11,8 +11,9 @@ the same dataset (``dataset_fingerprint``), the same views in the same order
 store. A target store of another encoder (e.g. DINOv2-B targets for FAE latents made
 from DINOv2-g) is fine: REPA needs the same images, not the same features.
 
-Reads go through the target store's shard files (``ShardMaps``: kept memory maps of
-whole shards), so a batch copies only its rows and views. Locality follows the
+Alignment and reads are ``fae_pipe.data.aligned.AlignedRows`` (shared with the caption
+embeddings of text-to-image): the target store's shard files (``ShardMaps``: kept memory
+maps of whole shards), so a batch copies only its rows and views. Locality follows the
 generator's order: when it streams shard windows and the stores share their sample
 order (``encode`` keeps the feature store's), a window touches about as many target
 shards; a generator held in RAM draws from the whole store, so targets are random
@@ -27,8 +28,8 @@ import numpy as np
 
 from fae_pipe.cache import schema
 from fae_pipe.cache.location import is_url
-from fae_pipe.cache.shard_reader import ShardReader
-from fae_pipe.data.sharded import ShardMaps, ShardedLoader, default_max_mapped_shards
+from fae_pipe.data.aligned import AlignedRows
+from fae_pipe.data.sharded import ShardedLoader
 from fae_pipe.errors import UserError
 
 
@@ -37,7 +38,8 @@ class RepaTargets:
 
     Args:
         features_path: the ``features.zarr`` holding the targets (complete).
-        source: the generator's loader; its store's sample ids and served samples are aligned here.
+        source: the generator's loader; its store's sample ids and served samples are aligned here
+            (``fae_pipe.data.aligned.AlignedRows``: dataset check, id alignment, shard-grouped reads).
         keep_read: whole shards kept decoded when the target store cannot be memory-mapped
             (compressed or remote), so a window's batches do not decode a shard each.
     """
@@ -48,61 +50,21 @@ class RepaTargets:
         arr = self.group[schema.FEATURES]
         _, self.num_views, self.tokens, self.dim = (int(v) for v in arr.shape)
         self.grid = tuple(int(g) for g in self.group.attrs[schema.A_GRID])
-        self.shard_rows = int((arr.shards or arr.chunks)[0])
-        self._check_same_images(source)
-        self.row_of = self._align(source)  # generator-store row -> target-store row (-1: never served)
-        self._maps = ShardMaps({schema.FEATURES: ShardReader(arr)}, default_max_mapped_shards(), keep_read)
+        self.rows = AlignedRows(self.path, self.group, source, [schema.FEATURES], "REPA targets", "targets",
+                                "REPA targets must show the same images",
+                                "use the feature store the generator's store was made from", keep_read)
+        self._check_same_views(source)
+        self._maps = self.rows.maps
 
-    def _pair(self, source: ShardedLoader) -> str:
-        return f"REPA targets: {source.store_path} and {self.path}"
-
-    def _check_same_images(self, source: ShardedLoader) -> None:
+    def _check_same_views(self, source: ShardedLoader) -> None:
         mine, theirs = dict(self.group.attrs), dict(source.group.attrs)
-        fp = schema.A_DATASET_FINGERPRINT
-        if fp in mine and fp in theirs and mine[fp] != theirs[fp]:
-            raise UserError(f"{self._pair(source)} were made from different datasets ('{fp}' "
-                            f"{str(theirs[fp])[:12]} vs {str(mine[fp])[:12]}): REPA targets must show the same images")
         views = list(theirs.get(schema.A_VIEWS) or [])
         if source.num_views > self.num_views or (views and mine.get(schema.A_VIEWS) is not None
                                                   and list(mine[schema.A_VIEWS])[:len(views)] != views):
-            raise UserError(f"{self._pair(source)} hold different views ({views or source.num_views} vs "
+            raise UserError(f"{self.rows.pair(source)} hold different views ({views or source.num_views} vs "
                             f"{mine.get(schema.A_VIEWS) or self.num_views}): view v of a batch must be view v of "
                             "its targets; extract the targets with the same views")
 
-    def _align(self, source: ShardedLoader) -> np.ndarray:
-        """Target-store row of every generator-store row; every served row must have one."""
-        ids = np.asarray(schema.read_array(self.group, schema.SAMPLE_IDS), np.int64)
-        rows = np.flatnonzero(np.asarray(schema.read_array(self.group, schema.VALID), bool))
-        by_id = rows[np.argsort(ids[rows], kind="stable")]
-        want = source.sample_ids
-        row_of = np.full(want.size, -1, np.int64)
-        if by_id.size:
-            pos = np.minimum(np.searchsorted(ids[by_id], want), by_id.size - 1)
-            hit = ids[by_id[pos]] == want
-            row_of[hit] = by_id[pos[hit]]
-        served = source.served_rows()
-        missing = served[row_of[served] < 0]
-        if missing.size:
-            r = int(missing[0])
-            raise UserError(f"{self._pair(source)} do not hold the same samples: sample id {int(want[r])} (row {r} "
-                            f"of the generator's store) is not a valid sample of the targets ({missing.size} of "
-                            f"{served.size} served samples missing); use the feature store the generator's store "
-                            "was made from")
-        return row_of
-
     def read(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
         """float16 (B, tokens, C): the target store's row of each generator row's sample id, at its view."""
-        frow = self.row_of[np.asarray(rows, np.int64)]
-        if (frow < 0).any():
-            raise UserError(f"REPA targets: generator rows {np.asarray(rows)[frow < 0][:4].tolist()} have no target "
-                            f"row in {self.path} (rows the generator's loader never serves)")
-        out = np.empty((frow.size, self.tokens, self.dim), np.float16)
-        shard = frow // self.shard_rows
-        order = np.argsort(shard, kind="stable")
-        cuts = [0, *(np.flatnonzero(np.diff(shard[order])) + 1).tolist(), frow.size]
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            sel = order[a:b]
-            s = int(shard[sel[0]])
-            flat = self._maps.open(s)[schema.FEATURES].reshape(-1, self.tokens, self.dim)  # (sample * view, T, C)
-            out[sel] = np.take(flat, (frow[sel] - s * self.shard_rows) * self.num_views + views[sel], axis=0)
-        return out
+        return self.rows.gather(rows, np.asarray(views, np.int64))[schema.FEATURES]
