@@ -29,7 +29,7 @@ from fae_pipe.models.registry import create_model, model_kwargs
 from fae_pipe.training.sit_export import SIT_FILE, save_sit_export
 from fae_pipe.training.trainer import Trainer, adamw, cpu_state
 from fae_pipe.models.repa import align_targets, default_repa_depth, repa_loss
-from fae_pipe.transport import resolve_shift_mode, shift_factor, training_loss
+from fae_pipe.transport import TransportSettings
 
 EVAL_FIELDS = ["fd_dinov2", "precision", "recall", "density", "coverage", "eval_samples", "eval_seconds",
                "train_seconds"]
@@ -87,14 +87,14 @@ def run(cfg, resume: str | None = None) -> dict:
     optimizers = {name: adamw(m.parameters(), t.lr, t.weight_decay) for name, m in models.items()}
     prepared = run.prepare(models, optimizers, identity=identity)
     model, projector = prepared[0], (prepared[1] if repa else None)
-    shift_mode = resolve_shift_mode(s.shift_mode, s.input)
-    shift = shift_factor(shift_mode, s.shift, latent_dim=c * h * w, base_dim=s.shift_base_dim)
+    transport = TransportSettings.of(s, c * h * w, s.input)
+    shift = transport.shift
     if run.main:
         extra = f", REPA lambda {s.repa_weight} at block {depth}/{net.depth}" if repa else ""
         print(f"train-sit: {s.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params) on "
               f"{c}x{h}x{w} {s.input} from {info.path} ({'in RAM' if data.loader.in_ram else 'streaming'}"
               f"{', a fresh posterior sample per epoch' if s.posterior == 'sample' else ''}); "
-              f"time shift {shift_mode} (a = {shift:.3g}){extra}; world size {run.world}, global batch "
+              f"time shift {transport.shift_mode} (a = {shift:.3g}){extra}; world size {run.world}, global batch "
               f"{t.batch_size} = {run.world} x {t.grad_accum} x {run.micro_batch}; steps {run.start}->{t.steps}",
               flush=True)
 
@@ -122,8 +122,7 @@ def run(cfg, resume: str | None = None) -> dict:
             drop = torch.rand(y.shape[0], generator=gen, device=gen.device).to(y.device) < s.label_dropout
             y = torch.where(drop, torch.full_like(y, info.num_classes), y)
             with run.accelerator.accumulate(*prepared[:len(models)]):
-                out = training_loss(model, x, y, generator=gen, time_dist=s.time_dist, time_mean=s.time_mean,
-                                    time_std=s.time_std, shift=shift, hidden_at=depth if repa else None)
+                out = transport.loss(model, x, y, gen, hidden_at=depth if repa else None)
                 loss = out.loss
                 if repa:
                     with run.accelerator.autocast():
@@ -149,9 +148,7 @@ def run(cfg, resume: str | None = None) -> dict:
                         latent_stats=info.stats.to_dict(), fae_fingerprint=info.fae_fingerprint,
                         latent_source=info.source, posterior=s.posterior,
                         num_classes=info.num_classes, latent_shape=list(info.shape),
-                        transport={"shift_mode": shift_mode, "shift_mode_config": s.shift_mode, "shift": s.shift,
-                                   "shift_base_dim": s.shift_base_dim, "generator_input": s.input,
-                                   "shift_factor": shift, "time_dist": s.time_dist, "null_class": info.num_classes},
+                        transport=transport.record(null_class=info.num_classes),
                         config=cfg.to_dict(), step=t.steps)
         return path
 

@@ -23,6 +23,7 @@ from fae_pipe.transport.interpolant import (
 )
 from fae_pipe.transport.loss import TransportLoss, training_loss
 from fae_pipe.transport.samplers import METHODS, sample
+from fae_pipe.transport.settings import TransportSettings
 from fae_pipe.transport.timesteps import (
     BASE_DIM,
     SHIFT_MODES,
@@ -42,6 +43,7 @@ __all__ = [
     "SHIFT_MODES",
     "TIME_DISTS",
     "TransportLoss",
+    "TransportSettings",
     "as_schedule",
     "expand_time",
     "guided_velocity",
