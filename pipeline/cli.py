@@ -84,6 +84,9 @@ COMMANDS: dict[str, Stage] = {
     "train-flow": Stage("train_flow", ["flow", "paths", ATTENTION],
                         "Train the TARFlow/STARFlow normalizing flow on the cached latents only (Accelerate).",
                         (RESUME,)),
+    "train-t2i": Stage("train_t2i", ["t2i", "paths", ATTENTION],
+                       "Train the text-conditioned MMDiT on the cached latents and caption embeddings only "
+                       "(Accelerate).", (RESUME,)),
     "sample": Stage("sample", ["sample", "generator", "flow", "sit", "fae", "paths", ATTENTION],
                     "Sample latents with the trained generator (SiT or flow) and decode them to images.",
                     (click.Option(["--export"], default=None, metavar="PATH",

@@ -29,6 +29,7 @@ class Paths:
     decoder_run: str = F("runs/decoder", "train-decoder run directory")
     sit_run: str = F("runs/sit", "train-sit run directory")
     flow_run: str = F("runs/flow", "train-flow run directory (the normalizing-flow generator)")
+    t2i_run: str = F("runs/t2i", "train-t2i run directory (the text-conditioned MMDiT)")
     samples: str = F("samples", "where `sample` writes grids and .npz files")
     metrics: str = F("metrics", "where stages write metric JSON files for DVC")
 
@@ -258,6 +259,26 @@ class Flow:
 
 
 @dataclass
+class T2i:
+    """The text-to-image generator (MMDiT on paths.latents + paths.text, ``stages/train_t2i.py``); the transport
+    keys mean what they mean in ``sit``."""
+
+    model: str = F("mmdit_600m", "registry name of the text-conditioned generator (kind text_generator: mmdit_*; "
+                   "its text_dim / pooled_dim come from the text store)")
+    patch_size: int = F(1, "patch size on the latent grid", min=1)
+    caption_dropout: float = F(0.1, "probability of replacing a caption by the stored empty caption's embedding "
+                               "(classifier-free guidance)", min=0.0, max=1.0)
+    time_dist: str = F("uniform", "training time distribution", choices=["uniform", "logit_normal"])
+    time_mean: float = F(0.0, "logit-normal mean")
+    time_std: float = F(1.0, "logit-normal std", min=0.0)
+    shift_mode: str = F("auto", "timestep shift form; auto = scalar on latents", choices=["auto", "none", "scalar", "dim"])
+    shift: float = F(0.4, "scalar timestep shift (shift_mode=scalar)", min=0.0)
+    shift_base_dim: int = F(4096, "base dimension n in a = sqrt(m / n) (shift_mode=dim)", min=1)
+    train: Train = T("train-t2i loop", steps=1_000_000, batch_size=512, schedule="constant", warmup=1000,
+                     ema_decay=0.9999, checkpoint_every=50_000, keep_last=3, memory_budget_gb=64.0)
+
+
+@dataclass
 class Runtime:
     attention: str = F("sdpa", "attention kernel: sdpa (PyTorch, every device) or xformers (CUDA tensors only; "
                        "needs the cuda extra)", choices=["sdpa", "xformers"])
@@ -338,6 +359,7 @@ class Config:
     runtime: Runtime = field(default_factory=Runtime)
     storage: Storage = field(default_factory=Storage)
     flow: Flow = field(default_factory=Flow)
+    t2i: T2i = field(default_factory=T2i)
     generator: str = field(default="sit", metadata={
         "top": True, "help": "the generator train/sample/evaluate run on the latents: sit (diffusion, sit.*) or "
                              "flow (normalizing flow, flow.*)", "choices": ["sit", "flow"], "min": None, "max": None})

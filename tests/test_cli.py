@@ -26,7 +26,7 @@ ALLOWED = {
     "encode": {"shards", "workers", "scheduler", "overwrite"},
     "embed-text": {"shards", "workers", "scheduler", "overwrite"},
     "train-fae": {"resume"}, "train-decoder": {"resume"}, "train-sit": {"resume"},
-    "train-flow": {"resume"}, "sample": {"export"}, "evaluate": set(), "probe": set(),
+    "train-flow": {"resume"}, "train-t2i": {"resume"}, "sample": {"export"}, "evaluate": set(), "probe": set(),
     "bench extract": set(), "bench loader": {"synthetic", "features", "object_store"}, "bench train-step": {"synthetic"},
     "bench stages": {"synthetic", "competitor", "compile_", "only"},
     "bench flow": {"sides", "batch", "uncached_max"},
@@ -112,7 +112,8 @@ def test_every_command_has_only_the_allowed_flags_and_passes_only_run_arguments(
 
 
 def test_sections_table():
-    for name in ("train-fae", "train-decoder", "train-sit", "train-flow", "encode", "sample", "evaluate", "probe"):
+    for name in ("train-fae", "train-decoder", "train-sit", "train-flow", "train-t2i", "encode", "sample", "evaluate",
+                 "probe"):
         assert "runtime" in COMMANDS[name].sections, name
     assert "runtime" not in COMMANDS["extract"].sections and "runtime" not in COMMANDS["prepare"].sections
     for stage in [*COMMANDS.values(), *BENCHES.values()]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fae_pipe.artifacts import read_export_meta, save_export
-from fae_pipe.training import sit_export
+from fae_pipe.training import sit_export, t2i_export
 
 FORMAT = "fae-pipe/flow-export"
 VERSION = 1
@@ -24,7 +24,7 @@ FLOW_FILE = "flow.safetensors"
 GROUPS = sit_export.GROUPS
 REQUIRED = ("model_name", "model_kwargs", "state_dict", "ema_state_dict", "latent_stats", "fae_fingerprint",
             "num_classes", "latent_shape", "flow", "config", "step")
-FAMILIES = {sit_export.FORMAT: "sit", FORMAT: "flow"}
+FAMILIES = {sit_export.FORMAT: "sit", FORMAT: "flow", t2i_export.FORMAT: "t2i"}
 
 
 def save_flow_export(path: str | Path, **fields) -> Path:
@@ -43,7 +43,7 @@ def load_flow_export(path: str | Path) -> dict:
 
 
 def generator_family(path: str | Path) -> str:
-    """"sit" or "flow": which generator wrote the export at ``path`` (by its format tag).
+    """"sit", "flow" or "t2i": which generator wrote the export at ``path`` (by its format tag).
 
     Anything else (missing, pickled, another format) answers "sit", so the SiT loader reports it
     with its precise one-line error (not found, convert-export, wrong format).

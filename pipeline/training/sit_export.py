@@ -46,13 +46,15 @@ def load_sit_export(path: str | Path) -> dict:
     return load_generator_export(path, FORMAT, VERSION, "train-sit", "SiT export")
 
 
-def load_generator_export(path: str | Path, fmt: str, version: int, made_by: str, what: str) -> dict:
-    """A generator export (SiT's, the flow's) as one dict: its fields and weight groups, format and version checked."""
+def load_generator_export(path: str | Path, fmt: str, version: int, made_by: str, what: str,
+                          groups: tuple[str, ...] = GROUPS) -> dict:
+    """A generator export (SiT's, the flow's, the text-to-image MMDiT's) as one dict: its fields and tensor
+    ``groups`` (the weights, plus a family's own, e.g. t2i's empty caption), format and version checked."""
     p = Path(path)
-    groups, meta = load_export(p, fmt, made_by, what=what)
+    stored, meta = load_export(p, fmt, made_by, what=what)
     if meta.get("version") != version:
         raise UserError(f"{what} '{p}' has version {meta.get('version')!r}; this fae-pipe reads {version}")
-    return {**meta, **{k: groups.get(k) for k in GROUPS}}
+    return {**meta, **{k: stored.get(k) for k in groups}}
 
 
 def build_sit_from_export(payload: dict, use_ema: bool = True) -> torch.nn.Module:
