@@ -53,6 +53,23 @@ def popen(workdir: Path, *args: str) -> subprocess.Popen:
                             text=True)
 
 
+def kill_after_first_record(proc: subprocess.Popen, store: Path, timeout: float = 240) -> int:
+    """SIGKILL a store-writing command as soon as its first shard completion record exists; returns how
+    many records were there after it died (what a crash mid-run leaves)."""
+    import signal
+    import time
+
+    done_dir = Path(store) / ".fae/done"
+    deadline = time.monotonic() + timeout
+    while not (done_dir.is_dir() and any(done_dir.glob("shard-*.json"))):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    return len(list(done_dir.glob("shard-*.json")))
+
+
 def prepare_tiny(workdir: Path) -> Path:
     """Write the tiny demo folder and its index with the real ``fae-pipe prepare``."""
     config = write_config(workdir)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from functools import partial
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pytest
 import yaml
 import zarr
 
-from helpers_extract import cli, popen
+from helpers_extract import cli, kill_after_first_record, popen
 
 from fae_pipe.cache import schema
 from fae_pipe.cache.inspect import inspect_store
@@ -260,15 +258,7 @@ def test_sigkill_then_resume_through_the_cli_is_bit_identical(tmp_path):
     run_in(tmp_path, load(tmp_path, **{"paths.text": "cache/ref.zarr"}))
     store, total = tmp_path / "cache/text.zarr", len(many)
     proc = popen(tmp_path, "embed-text", "--config", "c.yaml")
-    done_dir = store / ".fae/done"
-    deadline = time.monotonic() + 240
-    while not (done_dir.is_dir() and any(done_dir.glob("shard-*.json"))):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    finished = len(list(done_dir.glob("shard-*.json")))
+    finished = kill_after_first_record(proc, store)
     assert 1 <= finished < total, "the kill must land mid-run"
     assert zarr.open_group(str(store), mode="r").attrs["complete"] is False
     resumed = cli(tmp_path, "embed-text", "--config", "c.yaml")

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
-import time
 from pathlib import Path
 
 import dask.array as da
@@ -19,8 +17,8 @@ import numpy as np
 import pytest
 import zarr
 
-from helpers_extract import (NUM_IMAGES, assert_same_arrays, cli, one_line_error, popen, prepare_tiny,
-                             read_arrays, write_config)
+from helpers_extract import (NUM_IMAGES, assert_same_arrays, cli, kill_after_first_record, one_line_error, popen,
+                             prepare_tiny, read_arrays, write_config)
 
 from fae_pipe.cache import schema
 
@@ -78,15 +76,7 @@ def test_sigkill_then_resume_is_bit_identical(work):
     store = work / "cache/killed.zarr"
     proc = popen(work, "extract", "--config", "tiny.yaml", "--set", "paths.features=cache/killed.zarr",
                  "--shards", "3", "--set", "data.decode_workers=0")
-    done_dir = store / ".fae/done"
-    deadline = time.monotonic() + 240
-    while not (done_dir.is_dir() and any(done_dir.glob("shard-*.json"))):
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    finished = len(list(done_dir.glob("shard-*.json")))
+    finished = kill_after_first_record(proc, store)
     assert 1 <= finished < 6, "the kill must land mid-run"
     lock = json.loads((store / ".fae/lock").read_text())
     assert lock["pid"] == proc.pid
