@@ -22,7 +22,7 @@ import torch
 from fae_pipe.data.latents import LatentBatches
 from fae_pipe.flow import bits_per_dim, configured, sample, training_loss
 from fae_pipe.models.layers import set_attention_backend
-from fae_pipe.models.registry import REGISTRY, create_model, model_kwargs
+from fae_pipe.models.registry import create_model, model_kwargs, require_kind
 from fae_pipe.errors import UserError
 from fae_pipe.training.flow_export import FLOW_FILE, save_flow_export
 from fae_pipe.training.trainer import Trainer, adamw, cpu_state
@@ -35,10 +35,7 @@ BETAS = (0.9, 0.95)  # TARFlow's AdamW betas
 def run(cfg, resume: str | None = None) -> dict:
     """Train (or resume) the flow configured by ``cfg.flow`` / ``cfg.paths``; returns the summary metrics."""
     f, t = cfg.flow, cfg.flow.train
-    spec = REGISTRY.get(f.model)
-    if spec is None or spec.kind != "flow":
-        raise UserError(f"config error: flow.model = {f.model!r} is not a registered flow; valid: "
-                        f"{', '.join(n for n, s in REGISTRY.items() if s.kind == 'flow')}")
+    require_kind(f.model, "flow", "flow.model", "flow")
     run = Trainer("train-flow", cfg, "flow", cfg.paths.flow_run, resume,
                   log_fields=["loss", "bits_per_dim", "grad_norm", "epoch", "samples_per_s"],
                   eval_fields=EVAL_FIELDS if f.eval_samples else None)

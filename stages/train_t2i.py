@@ -25,7 +25,7 @@ import torch
 from fae_pipe.data.text_batches import TextBatches
 from fae_pipe.errors import UserError
 from fae_pipe.models.layers import set_attention_backend
-from fae_pipe.models.registry import REGISTRY, create_model, model_kwargs
+from fae_pipe.models.registry import create_model, model_kwargs, require_kind
 from fae_pipe.training.t2i_export import T2I_FILE, save_t2i_export
 from fae_pipe.training.trainer import Trainer, adamw, cpu_state
 from fae_pipe.transport import TransportSettings
@@ -34,10 +34,7 @@ from fae_pipe.transport import TransportSettings
 def run(cfg, resume: str | None = None) -> dict:
     """Train (or resume) the MMDiT configured by ``cfg.t2i`` / ``cfg.paths``; returns the summary metrics."""
     s, t = cfg.t2i, cfg.t2i.train
-    spec = REGISTRY.get(s.model)
-    if spec is None or spec.kind != "text_generator":
-        raise UserError(f"config error: t2i.model = {s.model!r} is not a registered text-to-image generator; valid: "
-                        f"{', '.join(n for n, m in REGISTRY.items() if m.kind == 'text_generator')}")
+    require_kind(s.model, "text_generator", "t2i.model", "text-to-image generator")
     run = Trainer("train-t2i", cfg, "t2i", cfg.paths.t2i_run, resume,
                   log_fields=["loss", "grad_norm", "epoch", "samples_per_s"])
 

@@ -249,6 +249,15 @@ def test_artefacts_and_the_export_round_trip(reference):
     assert out.shape == (2, 4, 4, 4) and torch.isfinite(out).all()
 
 
+def test_a_model_of_another_kind_is_refused_in_one_line(stores, capsys):
+    tmp, latents, text, _ = stores
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train-t2i", "--config", str(write_config(tmp, latents, text, "wrong")), "--set", "t2i.model=sit_tiny"])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and err.count("\n") == 1
+    assert "t2i.model = 'sit_tiny' is not a registered text-to-image generator; valid: mmdit_600m, " in err
+
+
 def test_stop_then_resume_through_the_cli_is_exact(reference, one_thread):
     tmp, latents, store, ref = reference
     cfg = write_config(tmp, latents, store, "cli")
@@ -284,3 +293,22 @@ def test_two_cpu_processes_under_accelerate_launch(stores):
     assert records[0]["param_sha256"] == records[1]["param_sha256"]
     export = load_t2i_export(tmp / "multi" / "t2i.safetensors")
     assert parameter_checksum(build_t2i_from_export(export, use_ema=False)) == records[0]["param_sha256"]
+
+
+@pytest.mark.slow
+def test_prompts_are_embedded_with_the_recorded_encoder_only(tmp_path):
+    """prompt_encoder loads the directory the export records (through FrozenTextEncoder, the real path) and
+    refuses one whose files changed since the captions were embedded."""
+    from fae_pipe.encoders.text import FrozenTextEncoder, write_random_text_encoder
+    from fae_pipe.sampling.text import embed_prompts, prompt_encoder
+
+    directory = write_random_text_encoder(tmp_path / "t5", ["a red circle", "two blue squares"], width=16, layers=1)
+    export = {"text": {"encoder": FrozenTextEncoder(directory, 8, "cpu").describe(), "max_length": 8}}
+    cond = embed_prompts(prompt_encoder(export), ["a red circle", "two blue squares"])
+    assert cond.tokens.shape == (2, 8, 16) and cond.pooled is None
+    assert cond.mask.sum(1).tolist() == [4, 4]  # three words + the end token each
+    assert not cond.tokens[~cond.mask].any()
+    (directory / "config.json").write_text((directory / "config.json").read_text().replace("{", "{\"note\": 1, ", 1))
+    with pytest.raises(UserError) as e:
+        prompt_encoder(export)
+    assert "not the one the generator was trained with" in str(e.value) and "\n" not in str(e.value)

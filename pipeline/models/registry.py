@@ -168,6 +168,14 @@ def list_models(kind: str | None = None) -> list[str]:
     return sorted(n for n, spec in REGISTRY.items() if kind is None or spec.kind == kind)
 
 
+def require_kind(name: str, kind: str, key: str, what: str) -> None:
+    """Refuse, in one line naming the config ``key``, a ``name`` that is not a registered model of ``kind``."""
+    spec = REGISTRY.get(name)
+    if spec is None or spec.kind != kind:
+        raise UserError(f"config error: {key} = {name!r} is not a registered {what}; valid: "
+                        f"{', '.join(list_models(kind))}")
+
+
 def fae_parts(family: str) -> dict[str, str]:
     """Registered names of an FAE family's parts: {"encoder": ..., "feature_decoder": ..., "pixel_decoder": ...}."""
     names = {part: f"{family}.{part}" for part in FAE_PARTS}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fae_pipe.artifacts import read_export_meta, save_export
+from fae_pipe.artifacts import read_export_meta
 from fae_pipe.training import sit_export, t2i_export
 
 FORMAT = "fae-pipe/flow-export"
@@ -29,12 +29,8 @@ FAMILIES = {sit_export.FORMAT: "sit", FORMAT: "flow", t2i_export.FORMAT: "t2i"}
 
 def save_flow_export(path: str | Path, **fields) -> Path:
     """Write the export with ``fields`` (all of ``REQUIRED``) to ``path`` atomically."""
-    missing = [k for k in REQUIRED if k not in fields]
-    if missing:
-        raise ValueError(f"flow export is missing {missing}")
-    meta = {"format": FORMAT, "version": VERSION, "generator": "flow",
-            **{k: v for k, v in fields.items() if k not in GROUPS}}
-    return save_export(path, {k: fields[k] for k in GROUPS}, meta)
+    return sit_export.save_generator_export(path, FORMAT, VERSION, REQUIRED, fields, GROUPS, "flow export",
+                                            generator="flow")
 
 
 def load_flow_export(path: str | Path) -> dict:

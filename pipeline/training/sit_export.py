@@ -33,12 +33,18 @@ REQUIRED = ("model_name", "model_kwargs", "state_dict", "ema_state_dict", "laten
 
 def save_sit_export(path: str | Path, **fields) -> Path:
     """Write the export with ``fields`` (all of ``REQUIRED``) to ``path`` atomically."""
-    missing = [k for k in REQUIRED if k not in fields]
+    return save_generator_export(path, FORMAT, VERSION, REQUIRED, fields, what="sit export")
+
+
+def save_generator_export(path: str | Path, fmt: str, version: int, required: tuple[str, ...], fields: dict,
+                          groups: tuple[str, ...] = GROUPS, what: str = "generator export", **tags) -> Path:
+    """A generator export (any family): ``fields`` (all of ``required``), the tensor ``groups`` among them stored
+    as tensors, everything else and ``tags`` (e.g. ``generator="flow"``) as the JSON document; atomically."""
+    missing = [k for k in required if k not in fields]
     if missing:
-        raise ValueError(f"sit export is missing {missing}")
-    groups = {k: fields[k] for k in GROUPS}
-    meta = {"format": FORMAT, "version": VERSION, **{k: v for k, v in fields.items() if k not in GROUPS}}
-    return save_export(path, groups, meta)
+        raise ValueError(f"{what} is missing {missing}")
+    meta = {"format": fmt, "version": version, **tags, **{k: v for k, v in fields.items() if k not in groups}}
+    return save_export(path, {k: fields[k] for k in groups}, meta)
 
 
 def load_sit_export(path: str | Path) -> dict:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from fae_pipe.artifacts import save_export
 from fae_pipe.training import sit_export
 
 FORMAT = "fae-pipe/t2i-export"
@@ -37,12 +36,8 @@ REQUIRED = ("model_name", "model_kwargs", "state_dict", "ema_state_dict", "laten
 
 def save_t2i_export(path: str | Path, **fields) -> Path:
     """Write the export with ``fields`` (all of ``REQUIRED``; ``empty_caption``: {"tokens", ["pooled"]}) atomically."""
-    missing = [k for k in REQUIRED if k not in fields]
-    if missing:
-        raise ValueError(f"t2i export is missing {missing}")
-    meta = {"format": FORMAT, "version": VERSION, "generator": "t2i",
-            **{k: v for k, v in fields.items() if k not in GROUPS}}
-    return save_export(path, {k: fields[k] for k in GROUPS}, meta)
+    return sit_export.save_generator_export(path, FORMAT, VERSION, REQUIRED, fields, GROUPS, "t2i export",
+                                            generator="t2i")
 
 
 def load_t2i_export(path: str | Path) -> dict:
