@@ -51,7 +51,7 @@ def run(cfg, resume: str | None = None) -> dict:
     torch.manual_seed(t.seed)
     net = set_attention_backend(create_model(s.model, **kwargs), cfg.runtime.attention)
     identity = {"model_name": s.model, "model_kwargs": kwargs, "latent_stats": info.stats.to_dict(),
-                "text_encoder": text.encoder}
+                "text_encoder": text.encoder, "text_store": text.config_hash}
     (model, _) = run.prepare({"model": net}, {"model": adamw(net.parameters(), t.lr, t.weight_decay)},
                              identity=identity)
     transport = TransportSettings.of(s, c * h * w)

@@ -267,6 +267,17 @@ def test_stop_then_resume_through_the_cli_is_exact(reference, one_thread):
     assert_same_weights(tmp / "cli", ref)
 
 
+def test_resume_refuses_a_checkpoint_trained_on_other_captions(reference, tmp_path, capsys):
+    tmp, latents, _, _ = reference
+    other = make_text_store(tmp_path / "other.zarr", pooled=True)
+    schema.open_group(other, "r+").attrs[schema.A_CONFIG_HASH] = "re-embedded"
+    checkpoint = sorted((tmp / "ref" / "checkpoints").glob("step-*.pt"))[-1]
+    with pytest.raises(SystemExit):
+        cli_main(["train-t2i", "--config", str(write_config(tmp_path, latents, other, "other")), "--resume",
+                  str(checkpoint)])
+    assert "(text_store differ)" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_exact(reference, one_thread):
     tmp, latents, store, ref = reference

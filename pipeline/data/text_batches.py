@@ -93,6 +93,7 @@ class TextEmbeddings:
         _, self.slots, self.max_length, self.dim = (int(v) for v in g[schema.TOKENS].shape)
         self.pooled_dim = int(g[schema.POOLED].shape[-1]) if self.has_pooled else 0
         self.encoder = dict(g.attrs.get(schema.A_TEXT_ENCODER) or {})
+        self.config_hash = g.attrs.get(schema.A_CONFIG_HASH)  # which captions, embedded how (embed-text's)
         self.rows = AlignedRows(self.path, g, source, [schema.TOKENS, *([schema.POOLED] if self.has_pooled else [])],
                                 "text embeddings", "text store", "captions must describe the images they train with",
                                 "run `fae-pipe embed-text` on the index the latents were made from", keep_read)
