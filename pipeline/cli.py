@@ -139,6 +139,18 @@ BENCHES: dict[str, Stage] = {
                      click.Option(["--only"], default=None, metavar="STAGE,...",
                                   help="bench only these stages (extract, train-fae, train-decoder, encode, "
                                        "train-sit, sample, evaluate)"))),
+    "prepare": Stage("bench_prepare", ["data"],
+                     "Captioned prepare at web scale: a synthetic N-row manifest as JSONL vs CSV vs Parquet, "
+                     "parse / split+fingerprint / write / image check seconds and peak RSS, side by side.",
+                     (click.Option(["--rows"], type=click.IntRange(min=1), default=1_000_000, show_default=True,
+                                   metavar="N", help="manifest rows"),
+                      click.Option(["--images"], type=click.IntRange(min=1), default=2000, show_default=True,
+                                   help="distinct tiny PNGs the rows point at"),
+                      click.Option(["--check-rows", "check_rows"], type=click.IntRange(min=1), default=100_000,
+                                   show_default=True, help="rows the header check is timed on (projected to N)"),
+                      click.Option(["--workdir"], default=None, metavar="DIR",
+                                   help="keep the images, manifests and indexes in DIR [default: a temporary "
+                                        "directory, removed]"))),
     "scale": Stage("bench_scale", [],
                    "ImageNet-sized rehearsal: generated folder, real stages and bookkeeping with tiny models; "
                    "wall time, peak RSS, files, time outside the model per stage and growth per 10x samples.",

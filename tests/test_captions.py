@@ -48,10 +48,14 @@ def write_folder(root: Path, pairs) -> Path:
     return root
 
 
-def write_manifest(root: Path, pairs, fmt: str, heldout=None, name: str = "manifest") -> Path:
-    """A manifest of ``pairs`` (paths relative to ``root``) with an extra field the reader must ignore."""
+def write_manifest(root: Path, pairs, fmt: str, heldout=None, name: str = "manifest", single: bool = False) -> Path:
+    """A manifest of ``pairs`` (paths relative to ``root``) with an extra field the reader must ignore; captions
+    padded with spaces plus an empty one (the reader strips and drops them), or only the first (``single``)."""
     path = root / f"{name}.{fmt}"
-    rows = [{"path": n, "captions": caps, "source": "test"} for n, _, caps in pairs]
+    rows = [{"path": n, "caption": f"{caps[0]} "} if single else {"path": n, "captions": [f" {c}" for c in caps] + [""]}
+            for n, _, caps in pairs]
+    for row in rows:
+        row["source"] = "test"
     if heldout is not None:
         for row, h in zip(rows, heldout):
             row["heldout"] = bool(h)
@@ -145,8 +149,9 @@ def test_absolute_manifest_paths_and_the_manifest_split(tmp_path):
     index = scan("manifest", manifest=manifest)
     assert index.holdout.astype(int).tolist() == heldout and index.holdout_fraction == round(2 / 6, 6)
     assert index.abspath(2) == str(folder / pairs[2][0]) and index.captions.counts.tolist() == [1] * 6
-    for fmt in ("csv", "parquet"):
-        assert np.array_equal(read_manifest(write_manifest(folder, pairs, fmt, heldout)).heldout, heldout)
+    for fmt in FORMATS:
+        read = read_manifest(write_manifest(folder, pairs, fmt, heldout, single=True))
+        assert np.array_equal(read.heldout, heldout) and read.captions.to_lists() == [[c[0]] for _, _, c in pairs]
     tar_index = scan("webdataset", write_shards(tmp_path / "shards", pairs, heldout=heldout))
     assert tar_index.holdout.astype(int).tolist() == heldout
 
@@ -277,3 +282,16 @@ def test_extract_from_tar_shards_equals_extract_from_a_folder(tmp_path, monkeypa
     a, b = read_arrays(tmp_path / "folder/cache/features.zarr"), read_arrays(tmp_path / "tars/cache/features.zarr")
     assert a["valid"].all() and len(a["valid"]) == 10
     assert_same_arrays(a, b)
+
+
+@pytest.mark.slow
+def test_bench_prepare_runs_every_format_side_by_side(tmp_path, capsys):
+    """The bench itself (small): each format in its own process, one index (the bench asserts one fingerprint)."""
+    from fae_pipe.stages import bench_prepare
+
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    result = bench_prepare.run(load_config(tmp_path / "empty.yaml"), rows=3000, images=20, check_rows=300,
+                               workdir=str(tmp_path / "work"))
+    assert set(result["formats"]) == set(FORMATS) and all(r["rows"] == 3000 for r in result["formats"].values())
+    out = capsys.readouterr().out
+    assert "peak RSS MB" in out and "header check (data.check=header)" in out

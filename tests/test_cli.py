@@ -31,6 +31,7 @@ ALLOWED = {
     "bench stages": {"synthetic", "competitor", "compile_", "only"},
     "bench flow": {"sides", "batch", "uncached_max"},
     "bench scale": {"samples", "workdir", "results", "keep", "sit_steps", "fae_steps", "workers"},
+    "bench prepare": {"rows", "images", "check_rows", "workdir"},
 }
 
 

@@ -117,8 +117,9 @@ class _Rows:
 
     def finish(self, root: str) -> Pairs:
         n = len(self.path_ends) - 1
-        return Pairs(root=root, paths=PathColumn(bytes(self.paths), np.frombuffer(self.path_ends, np.int64)),
-                     captions=CaptionColumn(PathColumn(bytes(self.texts), np.frombuffer(self.text_ends, np.int64)),
+        blob = lambda b: np.frombuffer(b, np.uint8) if b else np.zeros(0, np.uint8)  # noqa: E731 - no copy
+        return Pairs(root=root, paths=PathColumn(blob(self.paths), np.frombuffer(self.path_ends, np.int64)),
+                     captions=CaptionColumn(PathColumn(blob(self.texts), np.frombuffer(self.text_ends, np.int64)),
                                             np.frombuffer(self.starts, np.int64)),
                      heldout=np.frombuffer(self.heldout, np.int8).astype(bool) if n and len(self.heldout) else None,
                      failures=self.failures)
@@ -277,12 +278,22 @@ def _shown(pairs: Pairs, i: int) -> str:
     return f"{pairs.tars.tars[int(pairs.tars.ids[i])]}[{pairs.paths[i]}]"
 
 
-def _source(pairs: Pairs, i: int):
-    rel = pairs.paths[int(i)]
+def _source(pairs: Pairs, i: int, rel: str | None = None):
+    """What the image check opens for row ``i``: a ``Path``, or a ``TarMember`` for a sample in a shard."""
+    rel = pairs.paths[int(i)] if rel is None else rel
     if pairs.tars is None:
         return Path(sample_path(pairs.root, rel))
     tar = sample_path(pairs.root, pairs.tars.tars[int(pairs.tars.ids[i])])
     return TarMember(tar, rel, int(pairs.tars.offsets[i]), int(pairs.sizes[i]))
+
+
+def sources(pairs: Pairs, rows: np.ndarray):
+    """``_source`` of each of the sorted ``rows``, decoding the path column in one pass (no per-row lookup)."""
+    wanted = np.zeros(len(pairs), bool)
+    wanted[rows] = True
+    for i, (want, rel) in enumerate(zip(wanted.tolist(), pairs.paths)):
+        if want:
+            yield _source(pairs, i, rel)
 
 
 def index_pairs(pairs: Pairs, holdout_fraction: float, seed: int, on_error: str = "skip", check: str = "header",
@@ -297,7 +308,7 @@ def index_pairs(pairs: Pairs, holdout_fraction: float, seed: int, on_error: str 
     if on_error == "fail":  # nothing after the first caption-less row can change the outcome
         candidates = candidates[candidates < first_bad]
     keep, sizes, bad_images = np.zeros(n, bool), np.zeros(n, np.int64), {}
-    results = _checked((_source(pairs, i) for i in candidates), len(candidates), check, workers, progress)
+    results = _checked(sources(pairs, candidates), len(candidates), check, workers, progress)
     with phase("captions: check images"):
         for i, (reason, size) in zip(candidates.tolist(), results):
             if reason is None:

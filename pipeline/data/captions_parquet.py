@@ -29,12 +29,12 @@ def _pyarrow():
 
 
 def _strings(arr, pa) -> PathColumn:
-    """A (non-null) Arrow string array as a ``PathColumn``, from its buffers."""
-    arr = arr.cast(pa.large_string())
+    """A (non-null) Arrow string array as a ``PathColumn``: a view of its data buffer, offsets widened to int64."""
     _, offsets, data = arr.buffers()
-    offsets = np.frombuffer(offsets, np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    offsets = np.frombuffer(offsets, width)[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
     blob = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    return PathColumn(blob[offsets[0]:offsets[-1]].copy(), offsets - offsets[0])
+    return PathColumn(blob[offsets[0]:offsets[-1]], offsets - offsets[0])
 
 
 def _first(mask, pc) -> int:
@@ -73,9 +73,12 @@ def read_parquet(path: Path):
         if not (pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type)):
             raise UserError(f"{where}: 'caption' must be a string column, it is {flat.type}")
         parents = np.arange(n, dtype=np.int64)
-    trimmed = pc.utf8_trim_whitespace(flat)
-    good = pc.greater(pc.utf8_length(trimmed), 0).fill_null(False)
-    texts = _strings(trimmed.filter(good), pa)
+    if pc.any(pc.match_substring_regex(flat, r"^\s|\s$")).as_py():  # new buffers only when something changes
+        flat = pc.utf8_trim_whitespace(flat)
+    good = pc.greater(pc.utf8_length(flat), 0).fill_null(False)
+    if not pc.all(good).as_py():
+        flat = flat.filter(good)
+    texts = _strings(flat, pa)
     counts = np.bincount(parents[np.asarray(good, bool)], minlength=n)
     starts = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=starts[1:])

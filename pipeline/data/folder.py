@@ -44,6 +44,7 @@ CHECKS = ("stat", "header", "full")
 ON_ERROR = ("skip", "fail")
 _JPEG_TAIL = 64 * 1024
 _BLOCK = 2048
+_CHUNK = {"stat": 256, "header": 8, "full": 1}
 
 
 def list_classes(root: Path) -> list[str]:
@@ -161,12 +162,14 @@ def _checked(paths, total: int, check: str, workers: int, progress: bool):
                disable=None if progress else True, leave=False)
     try:
         if workers > 1:
+            step = _CHUNK[check]  # files per thread task: a stat is cheaper than a future
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 paths = iter(paths)
                 while block := list(islice(paths, _BLOCK)):  # bounded: no million pending futures
-                    for result in pool.map(one, block):
-                        bar.update()
-                        yield result
+                    chunks = [block[k:k + step] for k in range(0, len(block), step)]
+                    for results in pool.map(lambda chunk: [one(p) for p in chunk], chunks):
+                        bar.update(len(results))
+                        yield from results
         else:
             for p in paths:
                 bar.update()

@@ -112,8 +112,10 @@ class PathColumn(Sequence):
             yield blob[a:b].decode("utf-8")
 
     def take(self, keep: np.ndarray) -> "PathColumn":
-        """The rows where the boolean mask ``keep`` is true, without decoding a string."""
+        """The rows where the boolean mask ``keep`` is true, without decoding a string (all kept: itself)."""
         keep = np.asarray(keep, dtype=bool)
+        if keep.all():
+            return self
         lengths = np.diff(self.offsets)
         offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
         np.cumsum(lengths[keep], out=offsets[1:])
@@ -168,8 +170,10 @@ class CaptionColumn:
         return [self.texts[j] for j in range(int(self.starts[i]), int(self.starts[i + 1]))]
 
     def take(self, keep: np.ndarray) -> "CaptionColumn":
-        """The samples where the boolean mask ``keep`` is true, with all their captions."""
+        """The samples where the boolean mask ``keep`` is true, with all their captions (all kept: itself)."""
         keep = np.asarray(keep, dtype=bool)
+        if keep.all():
+            return self
         counts = self.counts
         starts = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
         np.cumsum(counts[keep], out=starts[1:])
