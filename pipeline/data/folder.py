@@ -101,13 +101,18 @@ def name_problem(path: Path | TarMember) -> str | None:
     return None
 
 
-def check_stat(path: Path | TarMember) -> str | None:
-    """Cheapest check: the file exists and is not empty; returns a failure reason or None."""
+def sized(path: Path | TarMember) -> tuple[str | None, int]:
+    """(failure reason or None, size in bytes): the file exists and is not empty."""
     try:
         size = source_size(path)
     except OSError as e:
-        return f"unreadable: {e.strerror or e}"
-    return "zero-byte file" if size == 0 else None
+        return f"unreadable: {e.strerror or e}", 0
+    return ("zero-byte file", 0) if size == 0 else (None, size)
+
+
+def check_stat(path: Path | TarMember) -> str | None:
+    """Cheapest check: the file exists and is not empty; returns a failure reason or None."""
+    return sized(path)[0]
 
 
 def check_header(path: Path | TarMember) -> str | None:
@@ -151,12 +156,15 @@ def _checked(paths, total: int, check: str, workers: int, progress: bool):
 
     from tqdm import tqdm
 
-    fn = {"stat": check_stat, "header": check_header, "full": check_full}[check]
+    fn = {"stat": None, "header": check_header, "full": check_full}[check]
 
-    def one(p: Path | TarMember):
+    def one(p: Path | TarMember):  # the stat level is one lstat + one stat per file (a tar member: none)
         p = as_source(p)
-        reason = name_problem(p) or fn(p)
-        return reason, (source_size(p) if reason is None else 0)
+        reason = name_problem(p)
+        reason, size = (reason, 0) if reason else sized(p)
+        if reason is None and fn is not None:
+            reason = fn(p)
+        return reason, (size if reason is None else 0)
 
     bar = tqdm(total=total, desc=f"checking images ({check})", unit="img",
                disable=None if progress else True, leave=False)
