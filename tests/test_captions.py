@@ -295,3 +295,16 @@ def test_bench_prepare_runs_every_format_side_by_side(tmp_path, capsys):
     assert set(result["formats"]) == set(FORMATS) and all(r["rows"] == 3000 for r in result["formats"].values())
     out = capsys.readouterr().out
     assert "peak RSS MB" in out and "header check (data.check=header)" in out
+
+
+def test_captions_folder_walks_subdirectories_and_leaves_hidden_files_out(tmp_path):
+    pairs = make_pairs(4)
+    root = tmp_path / "root"
+    write_folder(root / "b", pairs[:2])
+    write_folder(root / "a" / "deep", pairs[2:])
+    write_folder(root / ".cache", pairs[:1])
+    (root / "b" / "._000000.png").write_bytes(b"\x00\x05AppleDouble")
+    index = scan("captions_folder", root)
+    assert list(index.paths) == [f"a/deep/{pairs[2][0]}", f"a/deep/{pairs[3][0]}", f"b/{pairs[0][0]}",
+                                 f"b/{pairs[1][0]}"]
+    assert index.captions.to_lists() == [pairs[i][2] for i in (2, 3, 0, 1)] and not index.failures

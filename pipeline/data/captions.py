@@ -2,8 +2,9 @@
 
 Sources (``data.source``; ``folder`` is the class folder of ``fae_pipe.data.folder``):
 
-* ``captions_folder``: images anywhere under ``data.root`` (walked like a class folder,
-  sorted), each with a caption file beside it: ``x.jpg`` + ``x.txt``. A ``.txt`` holds
+* ``captions_folder``: images anywhere under ``data.root`` (walked depth first in sorted
+  order, symlinks followed once; hidden files and directories, such as macOS ``._x.jpg``,
+  left out), each with a caption file beside it: ``x.jpg`` + ``x.txt``. A ``.txt`` holds
   one caption per line (COCO's five captions are five lines); blank lines are ignored.
 * ``manifest``: ``data.manifest``, one row per image, as JSONL (``.jsonl``/``.ndjson``),
   CSV (``.csv``, header row) or Parquet (``.parquet``/``.pq``, needs pyarrow:
@@ -229,10 +230,11 @@ def read_captions_folder(root) -> Pairs:
                         f"each (x.jpg + x.txt)")
     rows = _Rows(f"data.root '{root_str}'")
     with phase("captions: list folder"):
-        for dirpath, _, filenames in sorted(_walk_once(root, set())):
+        for dirpath, dirnames, filenames in _walk_once(root, set()):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # walked in this order
             rel_dir = Path(dirpath).relative_to(root).as_posix()
             for fname in sorted(filenames):
-                if not fname.lower().endswith(IMAGE_EXTENSIONS):
+                if fname.startswith(".") or not fname.lower().endswith(IMAGE_EXTENSIONS):
                     continue
                 rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
                 try:
