@@ -88,10 +88,15 @@ COMMANDS: dict[str, Stage] = {
                        "Train the text-conditioned MMDiT on the cached latents and caption embeddings only "
                        "(Accelerate).", (RESUME,)),
     "sample": Stage("sample", ["sample", "generator", "flow", "sit", "fae", "paths", ATTENTION],
-                    "Sample latents with the trained generator (SiT or flow) and decode them to images.",
+                    "Sample latents with the trained generator (SiT, flow, or text-to-image MMDiT with prompts) "
+                    "and decode them to images.",
                     (click.Option(["--export"], default=None, metavar="PATH",
-                                  help="the generator export to sample (a sit.safetensors or flow.safetensors; "
-                                       "the family is read from the file) [default: the configured generator's]"),)),
+                                  help="the generator export to sample (a sit.safetensors, flow.safetensors or "
+                                       "t2i.safetensors; the family is read from the file) [default: the "
+                                       "configured generator's]"),
+                     click.Option(["--prompt"], multiple=True, metavar="TEXT",
+                                  help="text-to-image: a prompt (repeatable; before those of --prompts)"),
+                     KeyOption("--prompts", "sample.prompts", "FILE"))),
     "evaluate": Stage("evaluate", ["evaluate", "sample", "image_encoder", "data", "fae", "paths", ATTENTION],
                       "FD-DINOv2, FID/IS (local Inception weights), precision/recall, reconstruction metrics."),
     "probe": Stage("probe", ["probe", "fae", "paths", ATTENTION],

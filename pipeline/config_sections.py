@@ -314,6 +314,8 @@ class Sample:
     use_ema: bool = F(True, "sample with the EMA weights")
     seed: int = F(0, "sampling seed", min=0)
     device: str = F("auto", "auto (cuda when present), cpu, cuda or cuda:N")
+    prompts: str = F("", "text-to-image exports: a prompts file (.txt one per line, or .jsonl {prompt, ...}); "
+                     "sample.num_samples are spread over its prompts, grid_per_class images per prompt row")
 
 
 @dataclass

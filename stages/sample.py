@@ -1,4 +1,5 @@
-"""``fae-pipe sample``: class-conditional images from the trained SiT, decoded through the FAE.
+"""``fae-pipe sample``: images from the trained generator (class-conditional SiT or flow, or the
+text-to-image MMDiT with prompts), decoded through the FAE.
 
 Thin over ``fae_pipe.sampling``: resolve the classes and labels, let each process
 generate its share of the global batches (``accelerate launch`` gives several; a
@@ -7,6 +8,11 @@ plain call is one), gather on the main process, and write
 - ``<samples>/samples.npz``: ADM layout, ``arr_0`` uint8 (N, H, W, 3), ``arr_1`` labels;
 - ``<samples>/grid.png``: one row per class (at most ``MAX_GRID_ROWS``), class names on the left;
 - ``<samples>/samples.json``: how the samples were made (read back by ``evaluate``).
+
+Text-to-image (a ``t2i.safetensors``): the prompts (``--prompt`` and/or ``--prompts FILE`` /
+``sample.prompts``) take the place of the classes: ``arr_1`` numbers the prompt of each
+image, the grid has one row per prompt captioned with it, and ``samples.json`` lists the
+prompts with their extra fields (the caption demo's attributes, for the oracle).
 
 Same seed, same images, whatever the batch split over processes (``plan.py``).
 """
@@ -29,6 +35,7 @@ from fae_pipe.sampling.generator import ImageGenerator, default_paths
 from fae_pipe.sampling.grid import make_grid
 from fae_pipe.sampling.outputs import SAMPLES_FILE, gather_parts, save_samples, write_part
 from fae_pipe.sampling.plan import balanced_labels, process_batches, resolve_classes
+from fae_pipe.sampling.prompts import resolve_prompts
 
 MAX_GRID_ROWS = 64  # a 1000-class grid would be a 258k-pixel-tall PNG; the first 64 classes show enough
 META_FILE = "samples.json"
@@ -54,9 +61,9 @@ def _distributed_state():
     return state.process_index, state.num_processes, state.device, state.wait_for_everyone
 
 
-def run(cfg: Config, export: str | None = None) -> dict:
+def run(cfg: Config, export: str | None = None, prompt: tuple[str, ...] = ()) -> dict:
     """``export``: the generator file to sample (``--export``; default: the configured ``generator``'s in its
-    run directory); its family (SiT or flow) comes from the file."""
+    run directory); its family (SiT, flow or t2i) comes from the file. ``prompt``: ``--prompt`` values."""
     s, paths = cfg.sample, cfg.paths
     t0 = time.perf_counter()
     rank, world, launch_device, barrier = _distributed_state()
@@ -66,8 +73,18 @@ def run(cfg: Config, export: str | None = None) -> dict:
     gen = ImageGenerator.load(sit_path, fae_path, decoder_path, use_ema=s.use_ema, device=device,
                               attention=cfg.runtime.attention, flow_denoise=cfg.flow.denoise == "tweedie")
     how = _how(cfg, gen)
-    names = class_names(paths.latents, gen.num_classes)
-    classes = resolve_classes(list(s.classes), gen.num_classes, names)
+    prompts = None
+    if gen.family == "t2i":
+        prompts = resolve_prompts(prompt, s.prompts or None)
+        gen.set_prompts([p["prompt"] for p in prompts], s.device)
+        names, classes = [p["prompt"] for p in prompts], list(range(len(prompts)))
+        how["record"]["prompts"] = prompts
+    elif prompt or s.prompts:
+        raise UserError(f"--prompt / sample.prompts are for text-to-image exports, but {sit_path} is a "
+                        f"class-conditional {gen.family} export: use sample.classes")
+    else:
+        names = class_names(paths.latents, gen.num_classes)
+        classes = resolve_classes(list(s.classes), gen.num_classes, names)
     labels = balanced_labels(classes, s.num_samples)
     mine = process_batches(s.num_samples, s.batch_size, rank, world)
     my_count = sum(len(b) for b in mine)
@@ -76,7 +93,8 @@ def run(cfg: Config, export: str | None = None) -> dict:
         c, h, w = gen.latent_shape
         what = (f"the flow (guidance {how['guidance']}, denoise {cfg.flow.denoise})" if gen.family == "flow" else
                 f"{s.method} x {s.steps} steps, guidance {s.guidance or 'none'}, shift {gen.shift:.3g}")
-        print(f"sample: {s.num_samples} images of {len(classes)} class(es) with {what}, {c}x{h}x{w} latents, "
+        of = f"{len(classes)} prompt(s)" if prompts is not None else f"{len(classes)} class(es)"
+        print(f"sample: {s.num_samples} images of {of} with {what}, {c}x{h}x{w} latents, "
               f"{'EMA' if s.use_ema else 'raw'} weights, {world} process(es) on {device}", file=sys.stderr)
 
     pieces = []
@@ -111,7 +129,7 @@ def _how(cfg: Config, gen) -> dict:
     """How this generator samples: the guidance its sampler takes, and what samples.json records of it."""
     s, f = cfg.sample, cfg.flow
     if gen.family != "flow":
-        return {"sampler_guidance": s.guidance, "record": {"generator": "sit"}}
+        return {"sampler_guidance": s.guidance, "record": {"generator": gen.family}}
     from fae_pipe.flow import configured
 
     guidance = {"scale": f.guidance, "schedule": f.guidance_schedule, "mode": f.guidance_mode}
@@ -123,11 +141,12 @@ def _how(cfg: Config, gen) -> dict:
 def _write_outputs(out_dir: Path, images, labels, classes, names, s, gen, fae_path, sit_path, world) -> dict:
     save_samples(out_dir / SAMPLES_FILE, images, labels)
     shown = classes[:MAX_GRID_ROWS]
-    grid = make_grid(images, labels, shown, s.grid_per_class, names)
+    grid = make_grid(images, labels, shown, s.grid_per_class, names, strip_em=24 if gen.family == "t2i" else 12)
     for name in ("grid.png", f"grid_{gen.family}.png"):  # the latest, and the generator's beside the other's
         atomic_write(out_dir / name, lambda tmp: grid.save(tmp, format="PNG"))
     if len(classes) > len(shown):
-        print(f"sample: grid.png shows the first {len(shown)} of {len(classes)} classes", file=sys.stderr)
+        rows = "prompts" if gen.family == "t2i" else "classes"
+        print(f"sample: grid.png shows the first {len(shown)} of {len(classes)} {rows}", file=sys.stderr)
     return {
         "num_samples": int(len(images)), "image_size": [int(images.shape[1]), int(images.shape[2])],
         "classes": [int(c) for c in classes], "class_names": None if names is None else [names[c] for c in classes],

@@ -26,7 +26,7 @@ ALLOWED = {
     "encode": {"shards", "workers", "scheduler", "overwrite"},
     "embed-text": {"shards", "workers", "scheduler", "overwrite"},
     "train-fae": {"resume"}, "train-decoder": {"resume"}, "train-sit": {"resume"},
-    "train-flow": {"resume"}, "train-t2i": {"resume"}, "sample": {"export"}, "evaluate": set(), "probe": set(),
+    "train-flow": {"resume"}, "train-t2i": {"resume"}, "sample": {"export", "prompt", "prompts"}, "evaluate": set(), "probe": set(),
     "bench extract": set(), "bench loader": {"synthetic", "features", "object_store"}, "bench train-step": {"synthetic"},
     "bench stages": {"synthetic", "competitor", "compile_", "only"},
     "bench flow": {"sides", "batch", "uncached_max"},
@@ -179,10 +179,13 @@ def test_set_and_daily_flags_reach_the_stage(cwd, stub):
     assert stub.pop()[2] == {"synthetic": 5}
     main(["sample", "--set", "sample.classes=[1,2]"])
     module, cfg, flags = stub.pop()
-    assert module == "sample" and cfg.sample.classes == [1, 2] and flags == {"export": None}
+    assert module == "sample" and cfg.sample.classes == [1, 2] and flags == {"export": None, "prompt": ()}
     main(["sample", "--export", "runs/flow/flow.safetensors", "--set", "generator=flow"])
     module, cfg, flags = stub.pop()
-    assert cfg.generator == "flow" and flags == {"export": "runs/flow/flow.safetensors"}
+    assert cfg.generator == "flow" and flags == {"export": "runs/flow/flow.safetensors", "prompt": ()}
+    main(["sample", "--prompt", "two red circles", "--prompt", "a blue square", "--prompts", "p.jsonl"])
+    module, cfg, flags = stub.pop()
+    assert flags["prompt"] == ("two red circles", "a blue square") and cfg.sample.prompts == "p.jsonl"
 
 
 def test_daily_flags_are_validated_like_set_and_conflicts_are_errors(capsys, stub):

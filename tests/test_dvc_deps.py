@@ -186,8 +186,17 @@ def missing_deps(dvc: dict) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-def load_dvc() -> dict:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+PIPELINES = ("dvc.yaml", "t2i/dvc.yaml")  # every pipeline whose stages run `fae-pipe` from the repository root
+
+
+def load_dvc(name: str = "dvc.yaml") -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+def config_file(stage: dict) -> str:
+    """The config file the stage's command reads: its ``--config FILE``, else params.yaml (DVC's default too)."""
+    argv = shlex.split(stage["cmd"])
+    return argv[argv.index("--config") + 1] if "--config" in argv else "params.yaml"
 
 
 def load_yaml(name: str) -> dict:
@@ -197,6 +206,11 @@ def load_yaml(name: str) -> dict:
 # `runtime` need not be a param: runtime.attention picks the attention kernel (SDPA or xformers,
 # numerically equal to ~1e-6), which changes how fast a stage runs, not what it writes.
 UNTRACKED_SECTIONS = {"runtime"}
+
+
+# Sections a pipeline's stage need not list: t2i/dvc.yaml samples a t2i export given by --export, so
+# `sample`'s generator choice and SiT / flow settings (read only for those exports) play no part there.
+NOT_READ = {("t2i/params.yaml", "sample"): {"generator", "sit", "flow"}}
 
 
 def has_key(tree, dotted: str) -> bool:
@@ -211,8 +225,9 @@ def param_problems(dvc: dict) -> list[str]:
     """One line per params entry params.yaml lacks, or config section a stage reads but does not list."""
     problems = []
     for name, stage in dvc["stages"].items():
+        config = config_file(stage)
         for command, generator in variants(stage):  # ``${generator}`` in a param expands as DVC expands it
-            declared = []  # existing keys of params.yaml, the file `fae-pipe <cmd>` reads
+            declared = []  # existing keys of the file `fae-pipe <cmd>` reads
             for e in stage.get("params") or []:
                 files = e if isinstance(e, dict) else {"params.yaml": [e]}  # `- other.yaml: [keys]`: another file
                 for file, keys in files.items():
@@ -220,9 +235,11 @@ def param_problems(dvc: dict) -> list[str]:
                         k = k.replace("${generator}", generator) if generator else k
                         if not has_key(load_yaml(file), k):
                             problems.append(f"dvc.yaml stage '{name}' lists param '{k}', which {file} does not have")
-                        elif file == "params.yaml":
+                        elif file == config:
                             declared.append(k)
             for section in COMMANDS[command][1]:
+                if section in NOT_READ.get((config, command), ()):
+                    continue
                 if section not in UNTRACKED_SECTIONS and not any(p == section or p.startswith(section + ".")
                                                                  for p in declared):
                     problems.append(f"dvc.yaml stage '{name}' reads config section '{section}' but lists neither "
@@ -230,13 +247,16 @@ def param_problems(dvc: dict) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-def test_dvc_yaml_lists_every_code_and_data_dep():
-    problems = missing_deps(load_dvc())
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_dvc_yaml_lists_every_code_and_data_dep(pipeline):
+    problems = missing_deps(load_dvc(pipeline))
     assert not problems, "incomplete dvc.yaml deps:\n" + "\n".join(problems)
 
 
-def test_dvc_yaml_code_deps_exist():
-    stale = [f"dvc.yaml stage '{name}' lists {d}, which does not exist" for name, st in load_dvc()["stages"].items()
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_dvc_yaml_code_deps_exist(pipeline):
+    stale = [f"{pipeline} stage '{name}' lists {d}, which does not exist"
+             for name, st in load_dvc(pipeline)["stages"].items()
              for d in entries(st, "deps") if "${" not in d and not (REPO / d).exists()]
     assert not stale, "stale dvc.yaml deps (moved or deleted?):\n" + "\n".join(stale)
 
@@ -270,7 +290,7 @@ def test_checker_reports_a_removed_dep(stage, removed, expected):
 
 
 def test_dvc_yaml_params_name_params_yaml_keys_and_cover_read_sections():
-    problems = param_problems(load_dvc())
+    problems = param_problems(load_dvc()) + param_problems(load_dvc("t2i/dvc.yaml"))
     assert not problems, "dvc.yaml params out of step with params.yaml / fae_pipe.cli.COMMANDS:\n" + "\n".join(problems)
 
 
@@ -324,3 +344,15 @@ def test_the_generator_stage_follows_the_generator_param():
         params = load_yaml(name)
         assert params["generator"] == "sit" and all(params["paths"][f"{g}_run"] == f"runs/{g}" for g in GENERATORS)
     assert {f"train-{g}" for g in GENERATORS} <= set(COMMANDS)
+
+
+def test_the_text_to_image_pipeline_shares_the_root_stages():
+    """t2i/dvc.yaml's first five stages are the root's with --config t2i/params.yaml: same deps, params, outs."""
+    root, t2i = load_dvc()["stages"], load_dvc("t2i/dvc.yaml")["stages"]
+    for name in ("prepare", "extract", "train-fae", "train-decoder", "encode"):
+        ours, theirs = t2i[name], root[name]
+        assert ours["wdir"] == ".." and config_file(ours) == "t2i/params.yaml", name
+        assert shlex.split(ours["cmd"])[:2] + shlex.split(ours["cmd"])[4:] == shlex.split(theirs["cmd"]), name
+        assert ours["deps"] == theirs["deps"] and ours["params"] == [{"t2i/params.yaml": theirs["params"]}], name
+        assert ours.get("outs") == theirs.get("outs") and ours.get("metrics") == theirs.get("metrics"), name
+    assert all(s["wdir"] == ".." and config_file(s) == "t2i/params.yaml" for s in t2i.values())

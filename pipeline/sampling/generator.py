@@ -16,6 +16,11 @@ from the SiT export, guidance schedule from the config) -> normalised latents ->
 ``latent_source`` says so, copied from the store) decodes through that VAE instead
 (``fae_pipe.models.vae.VaeLatentDecoder``, rebuilt from the record and fingerprint-checked);
 the FAE files are then not read.
+
+A ``t2i.safetensors`` (train-t2i) loads the same way; its "labels" are prompt numbers:
+``set_prompts`` embeds the prompts once with the text encoder the export records
+(fingerprint-checked), and ``latents`` integrates the MMDiT with guidance against the
+export's empty caption (``fae_pipe.sampling.text.sample_text``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from fae_pipe.models.layers import set_attention_backend
 from fae_pipe.sampling.plan import batch_generator, sample_noise
 from fae_pipe.training.flow_export import FLOW_FILE, generator_family, load_flow_export
 from fae_pipe.training.sit_export import SIT_FILE, build_sit_from_export, load_sit_export
+from fae_pipe.training.t2i_export import T2I_FILE, load_t2i_export
 from fae_pipe.transport import as_schedule, sample
 
 
@@ -75,6 +81,8 @@ class ImageGenerator:
         self.latent_source = latent_source  # the export's record of what made the latents (None: not recorded)
         self.latent_shape = tuple(int(v) for v in latent_shape)
         self.num_classes, self.shift, self.null_class = int(num_classes), float(shift), int(null_class)
+        self.export: dict | None = None  # family "t2i": the export (text encoder record, empty caption)
+        self.prompts = None  # family "t2i": the embedded prompts (``set_prompts``)
 
     @classmethod
     def load(cls, sit_path, fae_path, decoder_path, use_ema: bool = True,
@@ -87,7 +95,7 @@ class ImageGenerator:
         ``runtime.attention`` setting; see ``fae_pipe.models.layers.attention``).
         """
         family = generator_family(sit_path)
-        export = load_sit_export(sit_path) if family == "sit" else load_flow_export(sit_path)
+        export = {"sit": load_sit_export, "flow": load_flow_export, "t2i": load_t2i_export}[family](sit_path)
         transport = export.get("transport") or {}
         raw_features = transport.get("generator_input") == "features"  # RAE: no FAE between SiT and pixels
         latent_source = export.get("latent_source")
@@ -115,11 +123,27 @@ class ImageGenerator:
                             f"{fae.latent_channels}x{fae.grid[0]}x{fae.grid[1]}: use the decoders the SiT was "
                             "trained for")
         sit = set_attention_backend(build_sit_from_export(export, use_ema=use_ema).to(device), attention)
-        num_classes = int(export["num_classes"])
+        num_classes = int(export.get("num_classes") or 0)
         flow = export.get("flow") or {}
-        return cls(sit, fae, shape, num_classes, float(transport.get("shift_factor", 1.0)),
-                   int(transport.get("null_class", flow.get("null_class", num_classes))), device, latent_source,
-                   family, float(flow.get("noise_sigma", 0.0)) if flow_denoise else 0.0)
+        gen = cls(sit, fae, shape, num_classes, float(transport.get("shift_factor", 1.0)),
+                  int(transport.get("null_class", flow.get("null_class", num_classes))), device, latent_source,
+                  family, float(flow.get("noise_sigma", 0.0)) if flow_denoise else 0.0)
+        gen.export = export if family == "t2i" else None
+        return gen
+
+    def set_prompts(self, prompts: list[str], text_device: str = "auto") -> None:
+        """Embed ``prompts`` with the export's text encoder, at the precision the captions were embedded
+        with (its record); ``latents`` labels then number them."""
+        from fae_pipe.sampling.text import embed_prompts, prompt_encoder
+
+        if self.family != "t2i":
+            raise UserError("prompts are for a text-to-image export (t2i.safetensors); this generator is "
+                            f"class-conditional ({self.family}): use sample.classes")
+        encoder = prompt_encoder(self.export, text_device, self.export["text"]["encoder"].get("precision", "fp32"))
+        if encoder.random:
+            print("sample: NOTE the text encoder has RANDOM weights (the offline demo's tiny T5)", file=sys.stderr)
+        self.prompts = embed_prompts(encoder, prompts, self.device)
+        self.num_classes = len(prompts)
 
     def latents(self, labels, noise: torch.Tensor, method: str = "euler", steps: int = 250, guidance=None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -127,6 +151,13 @@ class ImageGenerator:
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise UserError(f"class labels must lie in [0, {self.num_classes}); got {int(y.min())}..{int(y.max())}")
+        if self.family == "t2i":  # labels number the prompts of ``set_prompts``
+            from fae_pipe.sampling.text import empty_condition, sample_text
+
+            if self.prompts is None:
+                raise UserError("a text-to-image generator samples prompts: call set_prompts first")
+            return sample_text(self.sit, noise.to(self.device), self.prompts.rows(y), empty_condition(self.export),
+                               method, steps, self.shift, guidance, generator)
         if self.family == "flow":  # guidance: a fae_pipe.flow.FlowGuidance or None; method and steps unused
             from fae_pipe.flow import sample as flow_sample
 
@@ -148,7 +179,8 @@ class ImageGenerator:
 
 
 def default_paths(paths, generator: str = "sit") -> tuple[Path, Path, Path]:
-    """The generator export (``sit.safetensors``, or ``flow.safetensors`` for ``generator`` "flow"),
-    ``fae.safetensors`` and ``decoder.safetensors`` inside the configured run directories."""
-    export = Path(paths.flow_run) / FLOW_FILE if generator == "flow" else Path(paths.sit_run) / SIT_FILE
+    """The generator export (``sit.safetensors``; ``flow.safetensors`` for ``generator`` "flow",
+    ``t2i.safetensors`` for "t2i"), ``fae.safetensors`` and ``decoder.safetensors`` in the run directories."""
+    export = {"flow": Path(paths.flow_run) / FLOW_FILE, "t2i": Path(paths.t2i_run) / T2I_FILE}.get(
+        generator, Path(paths.sit_run) / SIT_FILE)
     return export, Path(paths.fae_run) / FAE_FILE, Path(paths.decoder_run) / DECODER_FILE
