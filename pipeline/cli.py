@@ -65,7 +65,8 @@ class Stage(NamedTuple):
 ATTENTION = "runtime"  # the section of every command that builds an attention model
 COMMANDS: dict[str, Stage] = {
     "prepare": Stage("prepare", ["data", "paths"],
-                     "Write the dataset index (and the offline demo image folder with --demo).",
+                     "Write the dataset index of data.source: a class folder, or captioned images (captions folder, "
+                     "JSONL/CSV/Parquet manifest, WebDataset tars); --demo writes the offline demo folder first.",
                      (KeyOption("--demo", "data.demo"),)),
     "extract": Stage("extract", ["extract", "image_encoder", "data", "paths"],
                      "Extract frozen DINOv2 features into the sharded zarr store.", (*shards("extract"), OVERWRITE)),
