@@ -5,7 +5,9 @@ first dot of its file name (``000000123.jpg``, ``000000123.txt``, ``000000123.js
 are sample ``000000123``), the WebDataset convention. Per key: the image (the first
 member with an image extension), the captions (``.txt``, one per line; without one, the
 ``.json``'s ``caption``/``captions``) and ``heldout`` from the ``.json`` when present.
-A key with no image member is recorded as a failure.
+A key with no image member is recorded as a failure. The members of one key must be
+consecutive (the WebDataset rule, which img2dataset follows); a tar re-packed in another
+order (say, sorted by extension) shows up as "no image member" failures.
 
 Only the tar headers and the small text members are read here (``tarfile`` seeks over
 the image data); images stay in the shards and the index keeps each one's shard and
