@@ -51,8 +51,9 @@ from pathlib import Path
 import numpy as np
 
 from fae_pipe.data.folder import IMAGE_EXTENSIONS, _checked, _walk_once, printable, refusal
-from fae_pipe.data.index import CaptionColumn, DatasetIndex, PathColumn, sample_path, stratified_holdout
-from fae_pipe.data.tar_members import TarColumn, TarMember
+from fae_pipe.data.columns import CaptionColumn, PathColumn, TarColumn
+from fae_pipe.data.index import DatasetIndex, sample_path, stratified_holdout
+from fae_pipe.data.tar_members import TarMember
 from fae_pipe.errors import UserError
 from fae_pipe.phases import phase
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fae_pipe.data.index import CaptionColumn, PathColumn
+from fae_pipe.data.columns import CaptionColumn, PathColumn
 from fae_pipe.errors import UserError
 
 

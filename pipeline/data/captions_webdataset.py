@@ -32,7 +32,7 @@ import numpy as np
 
 from fae_pipe.data.captions import _Rows, caption_lines, clean
 from fae_pipe.data.folder import IMAGE_EXTENSIONS
-from fae_pipe.data.tar_members import TarColumn
+from fae_pipe.data.columns import TarColumn
 from fae_pipe.errors import UserError
 from fae_pipe.phases import phase
 

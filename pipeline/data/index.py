@@ -7,9 +7,9 @@ changed dataset.
 
 File format: every stage and every dask worker reads the index, so it is a binary
 columnar file (``fae-pipe-index/2``, an uncompressed ``.npz``): the paths are one
-UTF-8 byte blob plus offsets (``PathColumn``), labels/sizes/split are numpy arrays,
-and a small JSON header holds the rest with a sha256 of the column bytes. Reading
-ImageNet's 1.28M rows takes ~0.1 s and ~60 MB, and creates no per-sample Python
+UTF-8 byte blob plus offsets (``fae_pipe.data.columns.PathColumn``), labels/sizes/split
+are numpy arrays, and a small JSON header holds the rest with a sha256 of the column
+bytes. Reading ImageNet's 1.28M rows takes ~0.1 s and ~60 MB, and creates no per-sample Python
 objects. The first format, one JSON document (``fae-pipe-index/1``), took 1.4 s and
 ~450 MB per process at 1.28M (measured by ``fae-pipe bench scale``, docs/scaling.md);
 it is still read, and still written when ``paths.index`` ends in ``.json`` (small
@@ -30,7 +30,7 @@ editing one caption marks every cache made from it stale.
 
 Tar shards (WebDataset sources): optional columns ``tar_path_bytes``/``tar_path_offsets``
 (each shard path once, relative to the root), ``tar_id`` and ``tar_offset`` per sample
-(``fae_pipe.data.tar_members.TarColumn``); the path column holds the member name and
+(``fae_pipe.data.columns.TarColumn``); the path column holds the member name and
 ``size`` its size, and ``abspath`` returns a ``TarMember`` that ``load_rgb`` reads. Like
 the captions they exist only when needed and are in the column checksum; they are not
 in the fingerprint, which covers content (member name, size, captions, split), not how
@@ -51,7 +51,6 @@ import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Sequence
 from itertools import islice
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +58,8 @@ from pathlib import Path
 import numpy as np
 
 from fae_pipe.artifacts import atomic_write, atomic_write_text
-from fae_pipe.data.tar_members import TarColumn, TarMember
+from fae_pipe.data.columns import CaptionColumn, PathColumn, TarColumn
+from fae_pipe.data.tar_members import TarMember
 from fae_pipe.errors import UserError
 from fae_pipe.phases import phase
 
@@ -70,134 +70,6 @@ _COLUMNS = ("path_bytes", "path_offsets", "label", "size", "holdout")
 _CAPTION_COLUMNS = ("caption_bytes", "caption_offsets", "caption_starts")  # present only in captioned indexes
 _TAR_COLUMNS = ("tar_path_bytes", "tar_path_offsets", "tar_id", "tar_offset")  # present only for tar shards
 LARGE_JSON_INDEX = 100_000  # samples beyond which prepare says the JSON format costs every process
-
-
-class PathColumn(Sequence):
-    """The relative paths as one UTF-8 blob + offsets: a list of str without a str per row.
-
-    Behaves as a read-only sequence of ``str`` (indexing decodes one row); equal to any
-    sequence with the same strings, so ``index.paths == ["a/x.png", ...]`` still holds.
-    """
-
-    def __init__(self, blob, offsets: np.ndarray):
-        self.blob = np.frombuffer(blob, dtype=np.uint8) if isinstance(blob, bytes) else np.asarray(blob, np.uint8)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        if self.offsets.ndim != 1 or not len(self.offsets) or self.offsets[0] != 0 \
-                or self.offsets[-1] != len(self.blob) or (np.diff(self.offsets) < 0).any():
-            raise ValueError("path offsets do not describe the path blob")
-
-    @classmethod
-    def from_strings(cls, paths) -> "PathColumn":
-        encoded = [str(p).encode("utf-8") for p in paths]
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=offsets[1:])
-        return cls(b"".join(encoded), offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"path {i} out of range (0..{len(self) - 1})")
-        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
-
-    def __iter__(self):
-        blob, off = self.blob.tobytes(), self.offsets.tolist()
-        for a, b in zip(off, off[1:]):
-            yield blob[a:b].decode("utf-8")
-
-    def take(self, keep: np.ndarray) -> "PathColumn":
-        """The rows where the boolean mask ``keep`` is true, without decoding a string (all kept: itself)."""
-        keep = np.asarray(keep, dtype=bool)
-        if keep.all():
-            return self
-        lengths = np.diff(self.offsets)
-        offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
-        np.cumsum(lengths[keep], out=offsets[1:])
-        return PathColumn(self.blob[np.repeat(keep, lengths)], offsets)
-
-    def __eq__(self, other) -> bool:
-        if isinstance(other, PathColumn):
-            return np.array_equal(self.blob, other.blob) and np.array_equal(self.offsets, other.offsets)
-        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
-
-    def __repr__(self) -> str:
-        return f"PathColumn({len(self)} paths)"
-
-
-class CaptionColumn:
-    """Several captions per sample: all captions as one ``PathColumn`` plus per-sample starts.
-
-    ``of(i)`` is sample ``i``'s list of captions (possibly empty), ``counts`` the number per
-    sample; no Python string exists per caption until one is asked for.
-    """
-
-    def __init__(self, texts: PathColumn, starts: np.ndarray):
-        self.texts = texts
-        self.starts = np.asarray(starts, dtype=np.int64)
-        if self.starts.ndim != 1 or not len(self.starts) or self.starts[0] != 0 \
-                or self.starts[-1] != len(texts) or (np.diff(self.starts) < 0).any():
-            raise ValueError("caption starts do not describe the caption column")
-
-    @classmethod
-    def from_lists(cls, captions) -> "CaptionColumn":
-        """From one list of caption strings per sample."""
-        flat, counts = [], []
-        for caps in captions:
-            caps = [caps] if isinstance(caps, str) else list(caps)
-            flat.extend(caps)
-            counts.append(len(caps))
-        starts = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=starts[1:])
-        return cls(PathColumn.from_strings(flat), starts)
-
-    def __len__(self) -> int:
-        return len(self.starts) - 1
-
-    @property
-    def counts(self) -> np.ndarray:
-        return np.diff(self.starts)
-
-    def of(self, i: int) -> list[str]:
-        i = int(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"sample {i} out of range (0..{len(self) - 1})")
-        return [self.texts[j] for j in range(int(self.starts[i]), int(self.starts[i + 1]))]
-
-    def take(self, keep: np.ndarray) -> "CaptionColumn":
-        """The samples where the boolean mask ``keep`` is true, with all their captions (all kept: itself)."""
-        keep = np.asarray(keep, dtype=bool)
-        if keep.all():
-            return self
-        counts = self.counts
-        starts = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
-        np.cumsum(counts[keep], out=starts[1:])
-        return CaptionColumn(self.texts.take(np.repeat(keep, counts)), starts)
-
-    def to_lists(self) -> list[list[str]]:
-        texts = list(self.texts)
-        return [texts[a:b] for a, b in zip(self.starts[:-1].tolist(), self.starts[1:].tolist())]
-
-    def sha256(self) -> str:
-        """sha256 over every sample's captions, in order (the part of the fingerprint they own)."""
-        h = hashlib.sha256(b"captions\n")
-        for a, b in ((self.texts.offsets, self.texts.blob), (self.starts, None)):
-            h.update(memoryview(np.ascontiguousarray(a.astype("<i8"))).cast("B"))
-            if b is not None:
-                h.update(memoryview(np.ascontiguousarray(b)).cast("B"))
-        return h.hexdigest()
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, CaptionColumn) and self.texts == other.texts \
-            and np.array_equal(self.starts, other.starts)
-
-    def __repr__(self) -> str:
-        return f"CaptionColumn({len(self)} samples, {len(self.texts)} captions)"
 
 
 def _file_rank(seed: int, relpath: str) -> int:

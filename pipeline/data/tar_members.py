@@ -1,10 +1,10 @@
-"""Images that stay inside WebDataset tar shards: a member reference and the index's tar columns.
+"""Images that stay inside WebDataset tar shards: the reference to one member's bytes.
 
 A CC12M-style set arrives as thousands of tar shards (img2dataset: ``<key>.jpg``,
 ``<key>.txt``, ``<key>.json`` per sample). Unpacking them would double the disk and
 create tens of millions of small files, so the index stores, per sample, which shard
-holds it and where the member's bytes start (``TarColumn``); the member's size is the
-index's ``size`` column. ``DatasetIndex.abspath(i)`` then returns a ``TarMember`` instead
+holds it and where the member's bytes start (``fae_pipe.data.columns.TarColumn``); the
+member's size is the index's ``size`` column. ``DatasetIndex.abspath(i)`` then returns a ``TarMember`` instead
 of a path, and ``fae_pipe.data.transforms`` (``load_rgb`` and so every stage that
 decodes pixels) reads exactly that byte range: one ``open``, ``seek`` and ``read``,
 no tar parsing at training time.
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass(frozen=True)
@@ -45,36 +43,3 @@ class TarMember:
 
     def open(self) -> io.BytesIO:
         return io.BytesIO(self.read())
-
-
-class TarColumn:
-    """Per sample: the shard it lives in (``ids`` into the ``tars`` paths) and its data offset.
-
-    The shard paths are stored once each (a ``PathColumn`` relative to the index root), not
-    once per sample: at 10M samples in 1,000 shards that is 1,000 strings, not 10M.
-    """
-
-    def __init__(self, tars, ids: np.ndarray, offsets: np.ndarray):
-        from fae_pipe.data.index import PathColumn
-
-        self.tars = tars if isinstance(tars, PathColumn) else PathColumn.from_strings(tars)
-        self.ids = np.asarray(ids, dtype=np.int64)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        if self.ids.ndim != 1 or self.ids.shape != self.offsets.shape:
-            raise ValueError("tar ids and offsets differ in shape")
-        if len(self.ids) and (self.ids.min() < 0 or self.ids.max() >= len(self.tars)):
-            raise ValueError("tar id out of range")
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def take(self, keep: np.ndarray) -> "TarColumn":
-        """The rows where the boolean mask ``keep`` is true (the shard table is kept whole)."""
-        return TarColumn(self.tars, self.ids[keep], self.offsets[keep])
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, TarColumn) and self.tars == other.tars \
-            and np.array_equal(self.ids, other.ids) and np.array_equal(self.offsets, other.offsets)
-
-    def __repr__(self) -> str:
-        return f"TarColumn({len(self)} samples in {len(self.tars)} tars)"
