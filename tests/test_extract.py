@@ -144,3 +144,40 @@ def test_unreadable_images_skipped_or_fatal(work, tmp_path):
     line = one_line_error(cli(tmp_path, "extract", "--config", "tiny.yaml", "--set", "data.on_error=fail",
                               "--set", "paths.features=cache/fail.zarr"))
     assert paths[5] in line and "cannot decode image" in line
+
+
+def test_a_broken_tar_member_is_recorded_with_its_shard(tmp_path):
+    """A member of a WebDataset shard that does not decode: the failure record names the shard and the member
+    (``<tar>[<member>]``, as prepare's records do), the good member of the same shard is encoded."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from fae_pipe.config import load_config
+    from fae_pipe.data.columns import TarColumn
+    from fae_pipe.data.index import DatasetIndex, write_index
+    from fae_pipe.encoders.registry import encoder_spec
+    from fae_pipe.tasks.features import FeatureExtractTask
+
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(png, format="PNG")
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards/00000.tar", "w") as tf:
+        for name, data in (("000000.png", png.getvalue()), ("000001.png", b"not a png at all")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "shards/00000.tar") as tf:
+        members = tf.getmembers()
+    index = DatasetIndex(root=str(tmp_path), classes=["image"], paths=[m.name for m in members], labels=[0, 0],
+                         sizes=[m.size for m in members], captions=[["red"], ["broken"]],
+                         tars=TarColumn(["shards/00000.tar"], [0, 0], [m.offset_data for m in members]))
+    write_index(index, tmp_path / "index.npz")
+    cfg = load_config(str(write_config(tmp_path)))
+    task = FeatureExtractTask(str(tmp_path / "index.npz"), encoder_spec(cfg.image_encoder), 32, ["orig"], 2, 0, "skip")
+    task.setup()
+    valid, failures = np.ones(2, bool), []
+    rows = [r for r, _ in task.decoded_batches(0, 2, valid, failures)]
+    assert rows == [[0]] and valid.tolist() == [True, False]
+    assert [(f["sample"], f["file"]) for f in failures] == [(1, "shards/00000.tar[000001.png]")]

@@ -278,7 +278,7 @@ def _shown(pairs: Pairs, i: int) -> str:
     """A sample as the failure list shows it: its path, or ``<tar>[<member>]`` relative to the root."""
     if pairs.tars is None:
         return printable(pairs.paths[i])
-    return f"{pairs.tars.tars[int(pairs.tars.ids[i])]}[{pairs.paths[i]}]"
+    return pairs.tars.shown(i, pairs.paths[i])
 
 
 def _source(pairs: Pairs, i: int, rel: str | None = None):

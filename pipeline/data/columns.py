@@ -165,6 +165,10 @@ class TarColumn:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def shown(self, i: int, member: str) -> str:
+        """Row ``i``'s ``member`` as failure records name it: ``<tar>[<member>]``, the tar relative to the root."""
+        return f"{self.tars[int(self.ids[i])]}[{member}]"
+
     def take(self, keep: np.ndarray) -> "TarColumn":
         """The rows where the boolean mask ``keep`` is true (the shard table is kept whole)."""
         return TarColumn(self.tars, self.ids[keep], self.offsets[keep])

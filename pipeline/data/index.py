@@ -192,6 +192,12 @@ class DatasetIndex:
             return TarMember(sample_path(self.root, tar), rel, int(self.tars.offsets[i]), int(self.sizes[i]))
         return sample_path(self.root, rel)
 
+    def shown(self, i: int) -> str:
+        """Sample ``i`` as failure records name it: its path relative to ``root``, or ``<tar>[<member>]`` for a
+        member of a tar shard (the shard relative to ``root``), so a record names the shard too."""
+        rel = self.paths[int(i)]
+        return rel if self.tars is None else self.tars.shown(i, rel)
+
     def to_json(self) -> dict:
         doc = {
             "schema": JSON_SCHEMA,

@@ -104,12 +104,11 @@ class FeatureExtractTask:
             rows, inputs = [], []
             for i, item in (next(stream) for _ in range(b0, min(stop, b0 + self.batch_size))):
                 if isinstance(item, ImageDecodeError):
-                    rel = self.index.paths[i]
                     if self.on_error == "fail":
                         raise UserError(f"cannot decode image {self.index.abspath(i)}: {item.reason} "
                                         "(set data.on_error=skip to record it and continue)")
                     valid[i - start] = False
-                    failures.append({"sample": i, "sample_id": int(self.index.ids[i]), "file": rel,
+                    failures.append({"sample": i, "sample_id": int(self.index.ids[i]), "file": self.index.shown(i),
                                      "reason": item.reason})
                 else:
                     rows.append(i - start)
