@@ -129,7 +129,7 @@ BENCHES: dict[str, Stage] = {
                   (click.Option(["--sides"], default="4,8,16", metavar="S,...",
                                 help="latent grid sides to bench at patch 1 (N = side^2 tokens)"),
                    click.Option(["--batch"], type=int, default=16, metavar="B", help="images per sampling call"),
-                   click.Option(["--uncached-max"], "uncached_max", type=int, default=64, metavar="N",
+                   click.Option(["--uncached-max"], type=int, default=64, show_default=True, metavar="N",
                                 help="bench the uncached (quadratic) flow inversion up to N tokens"))),
     "stages": Stage("bench_stages", ["image_encoder", "fae", "decoder", "encode", "sit", "sample", "evaluate", "data",
                                      "paths", ATTENTION],

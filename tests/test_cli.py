@@ -112,6 +112,19 @@ def test_every_command_has_only_the_allowed_flags_and_passes_only_run_arguments(
     assert set(ALLOWED) == set(COMMANDS) | {f"bench {b}" for b in BENCHES}
 
 
+def test_no_option_shows_a_made_up_default_and_bench_flow_parses_uncached_max(cwd, stub):
+    """``click.Option(["--x"], "x")`` passes "x" as ``show_default`` (help said ``[default: (x)]``): no option may
+    carry a string there, and ``--uncached-max`` shows and parses its real default."""
+    for name in ALLOWED:
+        for p in command(name).params:
+            assert not isinstance(getattr(p, "show_default", None), str), (name, p.name, p.show_default)
+    line = next(x for x in help_text("bench", "flow").splitlines() if "--uncached-max" in x)
+    assert "[default: 64]" in line and "uncached_max" not in line
+    main(["bench", "flow"])
+    main(["bench", "flow", "--uncached-max", "16"])
+    assert [calls[2]["uncached_max"] for calls in stub] == [64, 16]
+
+
 def test_sections_table():
     for name in ("train-fae", "train-decoder", "train-sit", "train-flow", "train-t2i", "encode", "sample", "evaluate",
                  "probe"):
