@@ -62,3 +62,22 @@ def test_bad_directories_are_one_line_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="model_type 'gpt2' is not a supported text encoder; valid: clip"):
         FrozenTextEncoder(tmp_path, max_length=8)
+
+
+def test_writing_and_loading_print_no_bars_or_warning_and_leave_transformers_bars_on(tmp_path, capfd, caplog):
+    """The command prints the RANDOM line (once, naming the key); transformers' per-model bars stay off only
+    inside fae-pipe's own loads and writes, even when one of them fails."""
+    from transformers.utils import logging as hf_logging
+
+    from fae_pipe.encoders.text import quiet_transformers
+
+    enc = FrozenTextEncoder(write_random_text_encoder(tmp_path / "enc", CAPTIONS, width=32, layers=1), max_length=12)
+    err = capfd.readouterr().err
+    assert enc.random and "Loading weights" not in err and "Writing model shards" not in err
+    assert "RANDOM" not in err and "RANDOM" not in caplog.text
+    with pytest.raises(RuntimeError), quiet_transformers():
+        assert hf_logging.tqdm(range(2)).disable
+        raise RuntimeError("a load that fails")
+    bar = hf_logging.tqdm(range(2), desc="the user's own bar")
+    assert hf_logging.is_progress_bar_enabled() and not bar.disable
+    bar.close()

@@ -19,14 +19,21 @@ word-level tokenizer trained (``tokenizers``, seconds) on the captions, and a ti
 encoder from a fixed seed, written with ``save_pretrained`` so it is then loaded
 through exactly the path a user's real directory takes. Its fingerprint is the same
 kind as a real one (the directory's files), and stores made with it record
-``random: true`` so they can never pass for real embeddings.
+``random: true`` so they can never pass for real embeddings. The encoder itself prints
+nothing about that: ``.random`` is set and each command says it once, in its own words
+(``embed-text`` names the config key and the directory).
+
+transformers 5 draws a "Loading weights" / "Writing model shards" bar per model read
+or written; for this encoder (one small file, loaded once per command and per dask
+worker) those bars only bury the command's own progress, so fae-pipe's loads and
+writes run inside ``quiet_transformers()``, which turns them off for that call alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,8 +41,6 @@ import torch
 from fae_pipe.artifacts import atomic_write_dir
 from fae_pipe.device import pick_device
 from fae_pipe.errors import UserError
-
-log = logging.getLogger(__name__)
 
 # model_type -> (transformers class, has a pooled vector)
 TOWERS = {"t5": ("T5EncoderModel", False), "mt5": ("MT5EncoderModel", False), "umt5": ("UMT5EncoderModel", False),
@@ -46,6 +51,27 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 RANDOM_MARKER = "fae-pipe-random-text-encoder.json"
 RANDOM_WARNING = ("text encoder weights are RANDOM (a tiny T5 written by fae-pipe): embeddings carry the caption "
                   "words but no pretrained meaning; set text_encoder.weights to a local transformers directory")
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' own progress bars off inside the block, restored after; other code keeps its bars.
+
+    Uses ``transformers.utils.logging.set_tqdm_hook`` (transformers 5; it returns the hook it
+    replaces, so the block is undone exactly and leaves the global ``disable_progress_bar``
+    state and huggingface_hub's bars alone). Older transformers has no such hook and no
+    per-model loading bar for a one-file model, so there it changes nothing.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if not hasattr(hf_logging, "set_tqdm_hook"):
+        yield
+        return
+    previous = hf_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
 
 
 def directory_fingerprint(directory: Path) -> str:
@@ -79,8 +105,9 @@ class FrozenTextEncoder:
                             f"valid: {', '.join(sorted(TOWERS))}")
         cls_name, self.has_pooled = TOWERS[model_type]
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.directory))
-            self.model = getattr(transformers, cls_name).from_pretrained(str(self.directory))
+            with quiet_transformers():
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.directory))
+                self.model = getattr(transformers, cls_name).from_pretrained(str(self.directory))
         except (OSError, ValueError) as e:
             raise UserError(f"{key} '{directory}': cannot load the model or tokenizer: "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
@@ -92,9 +119,7 @@ class FrozenTextEncoder:
                        else self.model.config.d_model)
         self.pooled_dim = self.dim if self.has_pooled else 0
         self.fingerprint = directory_fingerprint(self.directory)
-        self.random = (self.directory / RANDOM_MARKER).is_file()
-        if self.random:
-            log.warning(RANDOM_WARNING)
+        self.random = (self.directory / RANDOM_MARKER).is_file()  # the command says so (RANDOM_WARNING)
 
     def describe(self) -> dict:
         """What produced the embeddings, for the store attrs and the generator export."""
@@ -142,8 +167,9 @@ def write_random_text_encoder(directory, captions, width: int = 64, layers: int 
         model = T5EncoderModel(config).eval()
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
-        fast.save_pretrained(str(tmp))
+        with quiet_transformers():
+            model.save_pretrained(str(tmp))
+            fast.save_pretrained(str(tmp))
         (tmp / RANDOM_MARKER).write_text(json.dumps({"seed": seed, "width": width, "layers": layers}) + "\n")
 
     atomic_write_dir(directory, write)
