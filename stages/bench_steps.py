@@ -289,13 +289,13 @@ def train_sit(ctx) -> Work:
 
 def sample(ctx) -> Work:
     from fae_pipe.sampling.generator import ImageGenerator, to_uint8
-    from fae_pipe.transport import shift_factor
+    from fae_pipe.transport import TransportSettings
 
     s, sm, shape = ctx.cfg.sit, ctx.cfg.sample, (ctx.c, ctx.h, ctx.h)
     kwargs = model_kwargs(s.model, in_channels=ctx.c, input_size=ctx.h, patch_size=s.patch_size,
                           num_classes=ctx.classes)
     sit = set_attention_backend(create_model(s.model, **kwargs).to(ctx.device).eval(), ctx.attention)
-    shift = shift_factor(s.shift_mode, s.shift, latent_dim=ctx.c * ctx.h * ctx.h, base_dim=s.shift_base_dim)
+    shift = TransportSettings.of(s, ctx.c * ctx.h * ctx.h).shift  # train-sit's (what its export records)
     gen = ImageGenerator(sit, ctx.frozen_fae(pixels=True), shape, ctx.classes, shift, ctx.classes, ctx.device)
     noise, labels = torch.randn(sm.batch_size, *shape), np.arange(sm.batch_size) % ctx.classes
 

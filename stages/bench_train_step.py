@@ -66,7 +66,7 @@ from fae_pipe.models.registry import create_model, fae_parts, model_kwargs
 from fae_pipe.models.repa import align_targets, default_repa_depth, repa_loss
 from fae_pipe.training.flops import count_flops
 from fae_pipe.training.logs import write_metrics
-from fae_pipe.transport import shift_factor, training_loss
+from fae_pipe.transport import TransportSettings
 
 STEPS = 5  # timed steps per path (after one warm-up step each); rates use the median step time
 ROWS = {"cached": "cached latents", "online": "online path",
@@ -100,7 +100,7 @@ class SitStep:
         self.model = create_model(s.model, **kwargs).to(device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=s.train.lr, weight_decay=s.train.weight_decay)
         self.s, self.t, self.null, self.device = s, s.train, info.num_classes, device
-        self.shift = shift_factor(s.shift_mode, s.shift, latent_dim=c * h * h, base_dim=s.shift_base_dim)
+        self.transport = TransportSettings.of(s, c * h * h)  # train-sit's time distribution and shift (latents)
         self.parts = [(self.model, self.opt)]
         if repa_dim is not None:
             self.depth = s.repa_depth or default_repa_depth(self.model.depth)
@@ -118,9 +118,7 @@ class SitStep:
         drop = torch.rand(y.shape[0], generator=gen, device=gen.device).to(y.device) < self.s.label_dropout
         y = torch.where(drop, torch.full_like(y, self.null), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.precision == "bf16"):
-            out = training_loss(self.model, x, y, generator=gen, time_dist=self.s.time_dist,
-                                time_mean=self.s.time_mean, time_std=self.s.time_std, shift=self.shift,
-                                hidden_at=None if targets is None else self.depth)
+            out = self.transport.loss(self.model, x, y, gen, hidden_at=None if targets is None else self.depth)
             if targets is None:
                 return out.loss
             projected = self.projector(out.hidden)
