@@ -20,7 +20,7 @@ Generation (``<samples>/samples.npz`` against the real data):
 Text-to-image samples (``samples.json`` with generator ``t2i``; ``arr_1`` = prompt numbers):
 ``text_to_image`` adds FD-DINOv2 of the held-out prompts' samples against the held-out
 images (the index's held-out split: on the caption demo, the held-out colour-shape
-pairs), the oracle's colour / shape / count accuracy on seen and held-out prompts when
+pairs) and, as its yardstick, of the seen prompts' samples against the training images, the oracle's colour / shape / count accuracy on seen and held-out prompts when
 the prompts carry attributes (``fae_pipe.metrics.oracle.by_split``), and the CLIP score
 with a local CLIP (``evaluate.clip_weights``; otherwise reported unavailable).
 
@@ -210,15 +210,18 @@ def text_to_image(cfg: Config, group, images: np.ndarray, prompt_ids, meta: dict
     out: dict = {"prompts": len(prompts), "heldout_prompts": sum(bool(p.get("heldout")) for p in prompts)}
     held = np.array([bool(prompts[i].get("heldout")) for i in ids.tolist()], bool)
     split = feature_split(group, cfg.paths.index, cfg.paths.features)
-    if held.sum() >= 2 and split.holdout.sum() >= 2:
-        scorer = GenerationScorer(cfg, group, cfg.paths.features, device, mask=split.holdout)
-        dino, _ = scorer.split(scorer.features(images[held]))
-        out.update(fd_dinov2_heldout=fd(dino, scorer.reference_dinov2), heldout_samples=int(held.sum()),
-                   heldout_reference=int(len(scorer.ref_rows)))
-    else:
-        out["fd_dinov2_heldout"] = None
-        out["fd_dinov2_heldout_status"] = (f"unavailable: {int(held.sum())} samples of held-out prompts and "
-                                           f"{int(split.holdout.sum())} held-out images (need 2 of each)")
+    # each split's samples against that split's real images: the held-out number is the issue's, the seen
+    # one its yardstick (the same sizes and encoder, on combinations the generator was trained on)
+    for name, chosen, real in (("heldout", held, split.holdout), ("seen", ~held, split.train)):
+        if chosen.sum() >= 2 and real.sum() >= 2:
+            scorer = GenerationScorer(cfg, group, cfg.paths.features, device, mask=real)
+            dino, _ = scorer.split(scorer.features(images[chosen]))
+            out.update({f"fd_dinov2_{name}": fd(dino, scorer.reference_dinov2), f"{name}_samples": int(chosen.sum()),
+                        f"{name}_reference": int(len(scorer.ref_rows))})
+        else:
+            out[f"fd_dinov2_{name}"] = None
+            out[f"fd_dinov2_{name}_status"] = (f"unavailable: {int(chosen.sum())} samples of {name} prompts and "
+                                               f"{int(real.sum())} {name} images (need 2 of each)")
     out["oracle"] = by_split(images, ids, prompts)
     try:
         clip = ClipScorer(cfg.evaluate.clip_weights, device)
@@ -296,5 +299,6 @@ def _t2i_summary(t: dict | None) -> str:
     oracle = t.get("oracle") or {}
     acc = ", ".join(f"{split} colour {_num(oracle[split]['colour'], '.2f')} shape {_num(oracle[split]['shape'], '.2f')}"
                     for split in ("seen", "heldout") if split in oracle)
-    return (f"; text-to-image: held-out FD-DINOv2 {_num(t.get('fd_dinov2_heldout'), '.4g')}"
+    return (f"; text-to-image: FD-DINOv2 held-out {_num(t.get('fd_dinov2_heldout'), '.4g')} / seen "
+            f"{_num(t.get('fd_dinov2_seen'), '.4g')}"
             f"{', oracle ' + acc if acc else ''}, CLIP score {_num(t.get('clip_score'), '.2f')}")
