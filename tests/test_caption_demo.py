@@ -26,6 +26,20 @@ def test_oracle_is_not_fooled_by_wrong_targets():
     assert measure(flat) == {"colour": None, "shape": None, "count": 0}
 
 
+def test_oracle_shape_tie_goes_to_the_larger_area_whatever_the_order():
+    """One square and one circle: a tie of votes, which set order once broke (differently per PYTHONHASHSEED)."""
+    yy, xx = np.mgrid[0:64, 0:64]
+
+    def two(square: int, radius: int) -> np.ndarray:
+        img = np.full((64, 64, 3), 15, np.uint8)
+        img[8:8 + square, 8:8 + square] = (220, 40, 40)
+        img[(yy - 44) ** 2 + (xx - 44) ** 2 <= radius ** 2] = (220, 40, 40)
+        return img
+
+    assert measure(two(18, 6)) == {"colour": "red", "shape": "square", "count": 2}
+    assert measure(two(6, 12)) == {"colour": "red", "shape": "circle", "count": 2}
+
+
 def test_held_out_pairs_keep_every_colour_and_shape_seen():
     seen = {(c, s) for c in ("red", "green", "blue", "yellow", "magenta", "cyan")
             for s in ("circle", "square", "triangle")} - HELD_OUT

@@ -12,7 +12,9 @@ with 1-3 objects of one colour and shape, so the attributes can be measured dire
 * count: connected foreground components (8-connectivity) of at least ``MIN_AREA``
   pixels, a tenth of the smallest object the demo draws at 64 px;
 * shape: each component's fill of its bounding box, nearest of circle pi/4, square 1
-  and triangle 1/2; the majority over components.
+  and triangle 1/2; the majority over components, a tie going to the shape with the larger
+  total area (then FILL's order): never to set order, which follows PYTHONHASHSEED and
+  made the same images score differently from one process to the next.
 
 On the demo's real images colour is exact and shape and count are >= 0.97
 (tests/test_caption_demo.py measures it), which is what makes them usable as a
@@ -46,12 +48,13 @@ def measure(image: np.ndarray) -> dict:
         area = int((labels[box] == k).sum())
         if area >= min_area:
             fill = area / ((box[0].stop - box[0].start) * (box[1].stop - box[1].start))
-            shapes.append(min(FILL, key=lambda s: abs(FILL[s] - fill)))
+            shapes.append((min(FILL, key=lambda s: abs(FILL[s] - fill)), area))
     if not shapes:
         return {"colour": None, "shape": None, "count": 0}
     core = dist > 0.6 * np.percentile(dist[fg], 95)
     colour = _NAMES[int(np.argmin(np.linalg.norm(_PALETTE - img[core].mean(axis=0), axis=1)))]
-    return {"colour": colour, "shape": max(set(shapes), key=shapes.count), "count": len(shapes)}
+    votes = {s: (sum(n == s for n, _ in shapes), sum(a for n, a in shapes if n == s)) for s in FILL}
+    return {"colour": colour, "shape": max(FILL, key=votes.__getitem__), "count": len(shapes)}
 
 
 def accuracy(images, targets: list[dict]) -> dict:
