@@ -93,7 +93,7 @@ def test_t2i_config_holds_the_papers_system(t2i_cfg):
     t = c.t2i.train
     assert (t.batch_size, t.steps, t.lr, t.warmup, t.schedule, t.ema_decay) == (
         1024, 500_000, 1e-4, 1000, "constant", 0.9999)
-    assert c.sample.prompts.endswith(".jsonl") and c.sample.num_samples == 30_000
+    assert c.sample.prompts.endswith(".txt") and c.sample.num_samples == 30_000
     assert (c.sample.method, c.sample.steps, c.sample.guidance) == ("euler", 250, [[0.0, 0.9, 4.0]])
     from fae_pipe.transport.guidance import GuidanceSchedule
 
