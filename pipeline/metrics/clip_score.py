@@ -31,7 +31,7 @@ class ClipScorer:
     """A frozen CLIP from a local directory; ``score(images, prompts)`` gives per-image CLIP scores."""
 
     def __init__(self, directory, device="cpu"):
-        from fae_pipe.encoders.text import RANDOM_MARKER, directory_fingerprint
+        from fae_pipe.encoders.text import RANDOM_MARKER, directory_fingerprint, quiet_transformers
 
         d = Path(directory or "")
         if not directory:
@@ -48,8 +48,9 @@ class ClipScorer:
         import transformers
 
         try:
-            self.model = transformers.CLIPModel.from_pretrained(str(d)).eval().requires_grad_(False).to(device)
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(d))
+            with quiet_transformers():
+                self.model = transformers.CLIPModel.from_pretrained(str(d)).eval().requires_grad_(False).to(device)
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(d))
         except (OSError, ValueError) as e:
             raise MetricUnavailable(f"evaluate.clip_weights '{d}' cannot be loaded: {type(e).__name__}: "
                                     f"{str(e).splitlines()[0][:160]}") from None
