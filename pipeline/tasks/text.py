@@ -99,7 +99,7 @@ class EmbedTextTask:
                             f"embeddings beyond float16's range; check text_encoder.weights = "
                             f"{self.spec['directory']} (or try text_encoder.precision = fp32)")
         valid = lengths.max(axis=1) > 0
-        failures = [{"sample": start + int(r), "file": self.index.paths[start + int(r)], "reason": NO_CAPTION}
+        failures = [{"sample": start + int(r), "file": self.index.shown(start + int(r)), "reason": NO_CAPTION}
                     for r in np.flatnonzero(~valid)]
         arrays = {schema.TOKENS: tokens, schema.LENGTHS: lengths, schema.VALID: valid,
                   schema.SAMPLE_IDS: self.index.ids[start:stop].copy()}
