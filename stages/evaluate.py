@@ -120,7 +120,7 @@ def reconstruction(cfg: Config, group, scorer: GenerationScorer, view: tuple[int
     from fae_pipe.metrics.image import build_lpips, lpips_distance, psnr
 
     ev, paths = cfg.evaluate, cfg.paths
-    rows = feature_split(group, paths.index, paths.features).holdout_rows(ev.recon_images)
+    rows = feature_split(group, paths.index, paths.features, need_train=False).holdout_rows(ev.recon_images)
     if len(rows) < 2:
         return {"status": f"unavailable: {len(rows)} held-out image(s) in {paths.features}; need 2 "
                           "(raise data.holdout_fraction and re-run prepare + extract)"}
@@ -209,7 +209,7 @@ def text_to_image(cfg: Config, group, images: np.ndarray, prompt_ids, meta: dict
                         "does not number them: re-run `fae-pipe sample`")
     out: dict = {"prompts": len(prompts), "heldout_prompts": sum(bool(p.get("heldout")) for p in prompts)}
     held = np.array([bool(prompts[i].get("heldout")) for i in ids.tolist()], bool)
-    split = feature_split(group, cfg.paths.index, cfg.paths.features)
+    split = feature_split(group, cfg.paths.index, cfg.paths.features, need_train=False)
     # each split's samples against that split's real images: the held-out number is the issue's, the seen
     # one its yardstick (the same sizes and encoder, on combinations the generator was trained on)
     for name, chosen, real in (("heldout", held, split.holdout), ("seen", ~held, split.train)):

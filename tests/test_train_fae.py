@@ -193,3 +193,20 @@ def test_step_noise_does_not_depend_on_history():
     torch.randn(100)
     b = torch.randn(3, generator=seeded_generator(0, 0, 7, "posterior"))
     assert torch.equal(a, b)
+
+
+def test_a_store_without_training_samples_serves_evaluation_only(tmp_path):
+    """An evaluation-only index (COCO val: every image held out) is refused for training, accepted for scoring."""
+    from fae_pipe.data.index import DatasetIndex, write_index
+    from fae_pipe.fae.data import feature_split
+
+    _, index, z = make_dataset(tmp_path, classes=2, per_class=4, grid=4)
+    held = DatasetIndex(root=index.root, classes=index.classes, paths=list(index.paths), labels=index.labels,
+                        sizes=index.sizes, holdout=np.ones(len(index), bool), seed=index.seed, holdout_fraction=1.0)
+    write_index(held, tmp_path / "all_held.npz")
+    make_feature_store(tmp_path / "features.zarr", held, z)
+    group = schema.open_feature_store(tmp_path / "features.zarr")
+    with pytest.raises(UserError, match="no valid training sample"):
+        feature_split(group, str(tmp_path / "all_held.npz"), "features.zarr")
+    split = feature_split(group, str(tmp_path / "all_held.npz"), "features.zarr", need_train=False)
+    assert split.holdout.all() and not split.train.any()

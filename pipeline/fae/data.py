@@ -45,8 +45,11 @@ class Split:
         return np.flatnonzero(self.holdout)[:limit]
 
 
-def feature_split(group, index_path: str, store_path: str = "") -> Split:
-    """Train/held-out masks over the rows of a feature store, from the dataset index."""
+def feature_split(group, index_path: str, store_path: str = "", need_train: bool = True) -> Split:
+    """Train/held-out masks over the rows of a feature store, from the dataset index.
+
+    ``need_train``: refuse a store without a valid training sample (training stages); evaluation
+    passes False, so an evaluation-only store (e.g. COCO val, every image held out) is accepted."""
     index = read_index(index_path)
     stored = group.attrs.get(schema.A_DATASET_FINGERPRINT)
     if stored is not None and stored != index.fingerprint:
@@ -59,7 +62,7 @@ def feature_split(group, index_path: str, store_path: str = "") -> Split:
                         f"(0..{len(index) - 1}): re-run `fae-pipe extract`")
     held = index.holdout_mask()[ids]
     split = Split(train=valid & ~held, holdout=valid & held, sample_ids=ids)
-    if not split.train.any():
+    if need_train and not split.train.any():
         raise UserError(f"feature store {store_path} has no valid training sample")
     return split
 
