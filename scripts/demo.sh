@@ -7,10 +7,15 @@ export PATH="$PWD/.venv/bin:$PATH"
 start=$(date +%s)
 dvc repro "$@"
 echo "demo: finished in $(( $(date +%s) - start )) s"
-echo "demo: sample grid  -> samples/grid.png"
-echo "demo: metrics      -> metrics/*.json   (dvc metrics show)"
+# the pipeline file given (default dvc.yaml) reads the params.yaml beside it
+dir=.
+for a in "$@"; do case "$a" in *dvc.yaml) dir=$(dirname "$a");; esac; done
+params="$dir/params.yaml"
+out() { sed -nE "s/^  $1:\s*([^ #]+).*/\1/p" "$params" | head -1; }
+echo "demo: sample grid  -> $(out samples)/grid.png"
+echo "demo: metrics      -> $(out metrics)/*.json   (dvc metrics show)"
 echo "demo: loss curves  -> dvc plots show   (writes dvc_plots/index.html)"
-if grep -qE '^\s*weights:\s*random' params.yaml; then
-  echo "demo: NOTE the DINOv2 encoder ran with RANDOMLY INITIALISED weights (image_encoder.weights: random)."
-  echo "      For real features put a DINOv2 checkpoint on disk and set image_encoder.weights: /path/to/file.safetensors"
+if grep -qE '^\s*weights:\s*random' "$params"; then
+  echo "demo: NOTE the encoders ran with RANDOMLY INITIALISED weights (weights: random in $params)."
+  echo "      For real features put checkpoints on disk and set image_encoder.weights (and text_encoder.weights) to them"
 fi

@@ -198,3 +198,21 @@ def test_every_stage_resumes_a_checkpoint_without_ema_the_same_way(tmp_path, cap
     resumed.prepare({"model": torch.nn.Linear(3, 1)})
     assert resumed.start == 2 and torch.equal(resumed.ema.model.weight, trained)
     assert "the checkpoint has no EMA weights; the EMA starts from the resumed weights" in capsys.readouterr().err
+
+
+def test_emulated_bf16_on_cpu_is_noted_once_per_key(monkeypatch, capsys):
+    """bf16 on a CPU without native support is several times slower than fp32 (AVX2-only
+    machines); the run keeps the asked precision but says so, once, naming the key."""
+    from fae_pipe import device as dev
+
+    monkeypatch.setattr(dev, "_NOTED", set())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert dev.note_emulated_bf16(cpu, "bf16", "image_encoder.precision")
+    assert not dev.note_emulated_bf16(cpu, "bf16", "image_encoder.precision")
+    assert not dev.note_emulated_bf16(cpu, "fp32", "sit.train.precision")
+    assert not dev.note_emulated_bf16(torch.device("cuda"), "bf16", "sit.train.precision")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image_encoder.precision = 'bf16'" in err[0] and "image_encoder.precision: fp32" in err[0]
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert not dev.note_emulated_bf16(cpu, "bf16", "sit.train.precision")

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from fae_pipe.artifacts import atomic_write_dir
-from fae_pipe.device import pick_device
+from fae_pipe.device import note_emulated_bf16, pick_device
 from fae_pipe.errors import UserError
 
 # model_type -> (transformers class, has a pooled vector)
@@ -112,6 +112,7 @@ class FrozenTextEncoder:
             raise UserError(f"{key} '{directory}': cannot load the model or tokenizer: "
                             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         self.device = torch.device(pick_device(device))
+        note_emulated_bf16(self.device, precision, "text_encoder.precision")
         self.dtype = PRECISIONS[precision]
         self.model.requires_grad_(False).eval().to(self.device)
         self.model_type, self.max_length = model_type, int(max_length)

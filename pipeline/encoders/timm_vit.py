@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from fae_pipe.artifacts import file_fingerprint
-from fae_pipe.device import pick_device
+from fae_pipe.device import note_emulated_bf16, pick_device
 from fae_pipe.encoders.registry import EncoderChoice, normalisation, parse_model_args, resolve
 from fae_pipe.errors import UserError
 
@@ -276,6 +276,7 @@ def build_encoder(name: str, weights: str, input_size: int, device="auto", preci
         raise UserError(f"image_encoder.input_size = {input_size} is invalid: expected a multiple of {patch} "
                         f"({16 * patch} gives a 16x16 token grid)")
     dev = device if isinstance(device, torch.device) else pick_device(device)
+    note_emulated_bf16(dev, precision, "image_encoder.precision")
     model, fingerprint = _create_model(choice, str(weights), input_size, kwargs)
     _check_family(model, choice)
     p = int(model.patch_embed.patch_size[0])

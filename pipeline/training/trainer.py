@@ -54,7 +54,7 @@ from accelerate.state import AcceleratorState
 from tqdm import tqdm
 
 from fae_pipe.artifacts import seeded_generator
-from fae_pipe.device import compile_in_place
+from fae_pipe.device import compile_in_place, note_emulated_bf16
 from fae_pipe.errors import StopRequested, StopSignals, UserError
 from fae_pipe.training.checkpoint import (capture_rng, check_finite_weights, clear_checkpoints, last_good,
                                           load_checkpoint, resolve_resume, restore_rng, save_checkpoint)
@@ -72,6 +72,8 @@ def make_accelerator(precision: str, grad_accum: int, key: str, log_with: str | 
     if precision == "fp16" and cpu:
         raise UserError(f"config error: {key}.precision = 'fp16' is invalid on CPU: expected 'fp32' or 'bf16'")
     mixed = "no" if precision in ("fp32", "no") else precision
+    if cpu:
+        note_emulated_bf16(torch.device("cpu"), precision, f"{key}.precision")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Accelerate keeps one process-wide state; a second stage run in the same process (a
         # notebook, a test, a driver script) may ask for another precision. Single-process
