@@ -4,9 +4,10 @@ Why: "not wasteful" needs a ceiling to be judged against: the best rate of large
 matmuls, fp32 and bf16, on this process's threads (``matmul_rates``). The machine's peak is
 measured first; then a short probe of the stage's precision (and of fp32 for a mixed stage: the
 faster of the two is its ceiling) runs before each timed step and after the last, so a stage
-and its ceiling see the same load on a shared machine. Each stage's step is built as the stage builds it: registry models from the config, its autocast
-precision (``<section>.train.precision``, ``image_encoder.precision``; encode and sample run
-fp32 like the stages), its losses, clipping, fused AdamW and EMA; random weights and inputs
+and its ceiling see the same load on a shared machine. Each stage's step is built as the
+stage builds it: registry models from the config, its autocast precision
+(``<section>.train.precision``, ``image_encoder.precision``; encode and sample run fp32 like
+the stages), its losses, clipping, fused AdamW and EMA; random weights and inputs
 of the stage's shapes (speed does not depend on values; no network). Per stage: FLOPs of one
 step (FlopCounterMode: matmuls, convolutions, attention, forward and backward) over the time
 of the fastest timed step (the least disturbed), as a fraction of the fastest probe beside
