@@ -66,9 +66,7 @@ def _extract_locked(cfg: Config, store_path: str, overwrite: bool, limit: int | 
     n = len(index) if limit is None else min(limit, len(index))
     spec = encoder_spec(cfg.image_encoder)
     enc = build_encoder_from(spec)
-    if enc.random_weights:
-        print(f"WARNING: encoder {cfg.image_encoder.name} has RANDOM weights (image_encoder.weights={cfg.image_encoder.weights!r}): "
-              "the features are meaningless except for tests and the offline demo", file=sys.stderr)
+    # random weights: the encoder itself says so, once (timm_vit.RANDOM_WARNING)
     shard_samples = cfg.extract.shard_samples
     chunk = schema.effective_chunk_samples(cfg.extract.chunk_samples, shard_samples)
     attrs = store_attrs(cfg, enc, index, n)
