@@ -70,6 +70,9 @@ def run(cfg: Config, export: str | None = None, prompt: tuple[str, ...] = ()) ->
     device = launch_device if (s.device == "auto" and world > 1) else pick_device(s.device)
     sit_path, fae_path, decoder_path = default_paths(paths, cfg.generator)
     sit_path = Path(export) if export else sit_path
+    if (prompt or s.prompts) and not sit_path.is_file():
+        raise UserError(f"text-to-image export '{sit_path}' not found: run `fae-pipe train-t2i` first, "
+                        f"then pass its t2i.safetensors with --export")
     gen = ImageGenerator.load(sit_path, fae_path, decoder_path, use_ema=s.use_ema, device=device,
                               attention=cfg.runtime.attention, flow_denoise=cfg.flow.denoise == "tweedie")
     how = _how(cfg, gen)

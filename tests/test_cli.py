@@ -260,3 +260,9 @@ def test_every_command_has_help(cwd, argv):
     """A new user's first call: every stage and bench prints its help (bench scale reads no config keys)."""
     out = help_text(*argv)
     assert "Usage:" in out and "--help" in out
+
+
+def test_prompts_without_a_t2i_export_point_at_train_t2i(cwd, capsys):
+    """--prompt with no export on disk: the line names train-t2i (not train-sit, the class default)."""
+    err = fail(capsys, "sample", "--prompt", "two red circles", "--export", "runs/t2i/t2i.safetensors")
+    assert "text-to-image export 'runs/t2i/t2i.safetensors' not found" in err and "fae-pipe train-t2i" in err

@@ -72,8 +72,7 @@ def make_accelerator(precision: str, grad_accum: int, key: str, log_with: str | 
     if precision == "fp16" and cpu:
         raise UserError(f"config error: {key}.precision = 'fp16' is invalid on CPU: expected 'fp32' or 'bf16'")
     mixed = "no" if precision in ("fp32", "no") else precision
-    if cpu:
-        note_emulated_bf16(torch.device("cpu"), precision, f"{key}.precision")
+    note_emulated_bf16(torch.device("cpu" if cpu else "cuda"), precision, f"{key}.precision")
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Accelerate keeps one process-wide state; a second stage run in the same process (a
         # notebook, a test, a driver script) may ask for another precision. Single-process
